@@ -1,0 +1,3 @@
+"""spendgate: policy-as-code budget enforcement for AI inference."""
+
+__version__ = "0.1.0"
