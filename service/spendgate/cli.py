@@ -1,0 +1,292 @@
+"""The spendgate command line: serve, migrate, validate, check, audit, budgets."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from spendgate import logs
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_DATABASE = "sqlite:///var/spendgate.db"
+DEFAULT_POLICIES = "policies"
+
+# Exit codes that scripts and CI can tell apart.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_INVALID_POLICY = 3
+
+database_option = click.option(
+    "--database",
+    default=DEFAULT_DATABASE,
+    show_default=True,
+    envvar="SPENDGATE_DATABASE",
+    help="SQLAlchemy URL of the ledger, such as postgresql+psycopg://user@host/db.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    help="debug, info, warning or error.",
+)
+@click.option(
+    "--log-json/--log-console",
+    default=None,
+    help="Log format; default JSON unless stderr is a terminal.",
+)
+def main(log_level: str, log_json: bool | None) -> None:
+    """Policy-as-code budget enforcement for AI inference."""
+    logs.configure(log_level, json=log_json)
+
+
+@main.command()
+@click.option(
+    "--address",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    help="HOST:PORT to listen on.",
+)
+@click.option(
+    "--policies",
+    "policy_dir",
+    default=DEFAULT_POLICIES,
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Policy directory.",
+)
+@database_option
+@click.option(
+    "--workers",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, 512),
+    help="gRPC worker threads.",
+)
+@click.option(
+    "--grace",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds to drain in-flight calls on SIGTERM.",
+)
+def serve(
+    address: str, policy_dir: Path, database: str, workers: int, grace: float
+) -> None:
+    """Serve the SpendGate gRPC API."""
+    from spendgate import ledger, server, tokens
+    from spendgate.errors import PolicyError, SchemaOutdatedError
+    from spendgate.policy import load_policy
+
+    log = structlog.get_logger("spendgate")
+    try:
+        policy = load_policy(policy_dir)
+    except PolicyError as error:
+        click.echo(str(error), err=True)
+        sys.exit(EXIT_INVALID_POLICY)
+    tokens.preload()
+    engine = ledger.create_engine(database, pool_size=workers)
+    try:
+        revision = ledger.check_schema(engine)
+    except SchemaOutdatedError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+
+    running = server.create_server(
+        address, server.PolicyHolder(policy), ledger.Ledger(engine), max_workers=workers
+    )
+    log.info(
+        "server_started",
+        address=address,
+        port=running.port,
+        policy_version=policy.version,
+        policy_dir=str(policy_dir),
+        database=engine.url.render_as_string(hide_password=True),
+        schema_revision=revision,
+        workers=workers,
+    )
+    server.serve_forever(running, grace)
+    engine.dispose()
+
+
+@main.command()
+@database_option
+def migrate(database: str) -> None:
+    """Create or upgrade the ledger schema to the newest revision."""
+    from spendgate import ledger
+
+    engine = ledger.create_engine(database, pool_size=1)
+    ledger.migrate(engine)
+    click.echo(f"database at revision {ledger.check_schema(engine)}")
+    engine.dispose()
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+)
+def validate(directory: Path, output_format: str) -> None:
+    """Validate a policy directory; exit 0 when valid, 3 when not, 2 on usage errors."""
+    from spendgate.policy import read_policy
+
+    if not directory.is_dir():
+        click.echo(f"error: {directory} is not a directory", err=True)
+        sys.exit(EXIT_USAGE)
+    result = read_policy(directory)
+    problems = [*result.errors, *result.warnings]
+    if output_format == "json":
+        payload = {
+            "valid": result.policy is not None,
+            "version": result.policy.version if result.policy else None,
+            "files": result.files,
+            "problems": [
+                {
+                    "file": p.file,
+                    "line": p.line,
+                    "column": p.column,
+                    "path": p.path,
+                    "severity": p.severity,
+                    "message": p.message,
+                }
+                for p in problems
+            ],
+        }
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        for problem in result.errors:
+            click.echo(f"{problem}", err=True)
+        for problem in result.warnings:
+            click.echo(f"warning: {problem}", err=True)
+        if result.policy is not None:
+            click.echo(
+                f"{directory}: valid, {len(result.files)} files, version {result.policy.version}"
+                + (f", {len(result.warnings)} warnings" if result.warnings else "")
+            )
+        else:
+            click.echo(f"{directory}: invalid, {len(result.errors)} errors", err=True)
+    sys.exit(EXIT_OK if result.policy is not None else EXIT_INVALID_POLICY)
+
+
+@main.command()
+@click.option(
+    "--address", default=DEFAULT_ADDRESS, show_default=True, help="Server HOST:PORT."
+)
+@click.option("--department", required=True)
+@click.option("--team", default="")
+@click.option("--user", default="")
+@click.option("--application", default="spendgate-cli")
+@click.option("--model", required=True)
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option(
+    "--prompt-file",
+    type=click.File("r", encoding="utf-8"),
+    default=None,
+    help="File holding the prompt text; - reads stdin.",
+)
+@click.option(
+    "--input-tokens",
+    type=click.IntRange(0),
+    default=None,
+    help="Input token count, instead of a prompt.",
+)
+@click.option("--max-output-tokens", type=click.IntRange(0, 2**32 - 1), default=None)
+@click.option("--request-id", default=None, help="Request id; default a new UUID.")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds.",
+)
+def check(
+    address: str,
+    department: str,
+    team: str,
+    user: str,
+    application: str,
+    model: str,
+    prompt: str | None,
+    prompt_file: Any,
+    input_tokens: int | None,
+    max_output_tokens: int | None,
+    request_id: str | None,
+    labels: tuple[str, ...],
+    timeout: float,
+) -> None:
+    """Ask a running server about one model call and print the answer as JSON."""
+    import grpc
+    from google.protobuf import json_format
+
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    given = [
+        name
+        for name, value in (
+            ("--prompt", prompt),
+            ("--prompt-file", prompt_file),
+            ("--input-tokens", input_tokens),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise click.UsageError(
+            "give exactly one of --prompt, --prompt-file or --input-tokens"
+        )
+    label_map = {}
+    for label in labels:
+        key, sep, value = label.partition("=")
+        if not sep:
+            raise click.UsageError(f"--label must be KEY=VALUE, got {label!r}")
+        label_map[key] = value
+
+    request = pb.CheckRequest(
+        request_id=request_id or str(uuid.uuid4()),
+        principal=pb.Principal(
+            department=department, team=team, user=user, application=application
+        ),
+        model=model,
+        labels=label_map,
+    )
+    if prompt is not None:
+        request.prompt = prompt
+    elif prompt_file is not None:
+        request.prompt = prompt_file.read()
+    else:
+        request.input_tokens = input_tokens or 0
+    if max_output_tokens is not None:
+        request.max_output_tokens = max_output_tokens
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.SpendGateStub(channel)
+        try:
+            response = stub.Check(request, timeout=timeout)
+        except grpc.RpcError as error:
+            click.echo(f"error: {error.code().name}: {error.details()}", err=True)
+            sys.exit(1)
+    click.echo(
+        json.dumps(
+            json_format.MessageToDict(
+                response, always_print_fields_with_no_presence=True
+            ),
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

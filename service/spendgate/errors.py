@@ -1,0 +1,72 @@
+"""Exceptions raised by spendgate, all derived from one base.
+
+SpendgateError
+ +-- PolicyError            a policy directory failed to load; carries every problem
+ +-- RequestError           a request is malformed; gRPC INVALID_ARGUMENT
+ +-- NotFoundError          a reservation id is unknown; gRPC NOT_FOUND
+ +-- ConflictError          a reservation is in the wrong state; gRPC FAILED_PRECONDITION
+ +-- SchemaOutdatedError    the database schema is behind the migrations
+ +-- LedgerUnavailableError the database could not be reached in time; gRPC UNAVAILABLE
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class SpendgateError(Exception):
+    """Base class of every error spendgate raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem found in a policy file, located by file, line and key path."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        if self.path:
+            return f"{where}: {self.path}: {self.message}"
+        return f"{where}: {self.message}"
+
+
+class PolicyError(SpendgateError):
+    """A policy directory is invalid; `problems` lists every error found."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        lines = "\n".join(str(problem) for problem in self.problems)
+        noun = "error" if count == 1 else "errors"
+        super().__init__(f"policy set is invalid ({count} {noun}):\n{lines}")
+
+
+class RequestError(SpendgateError):
+    """A request field is missing or invalid."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class NotFoundError(SpendgateError):
+    """A reservation id names no reservation."""
+
+
+class ConflictError(SpendgateError):
+    """A reservation is in a state that does not allow the operation."""
+
+
+class SchemaOutdatedError(SpendgateError):
+    """The database schema does not match the migrations this version ships."""
+
+
+class LedgerUnavailableError(SpendgateError):
+    """The ledger database could not be reached or timed out."""

@@ -1,0 +1,21 @@
+"""The SQL ledger of reservations and spend, with its audit log."""
+
+from spendgate.ledger._engine import check_schema, create_engine, migrate
+from spendgate.ledger._ledger import (
+    CheckRecord,
+    CommitRecord,
+    Ledger,
+    Principal,
+    ReleaseRecord,
+)
+
+__all__ = [
+    "CheckRecord",
+    "CommitRecord",
+    "Ledger",
+    "Principal",
+    "ReleaseRecord",
+    "check_schema",
+    "create_engine",
+    "migrate",
+]

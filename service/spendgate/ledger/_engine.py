@@ -1,0 +1,110 @@
+"""Database engines and schema migrations for SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as sqlalchemy_create_engine
+from sqlalchemy.engine import make_url
+
+from spendgate.errors import SchemaOutdatedError
+
+# NOTE: migrations are found beside the source tree, so spendgate runs from an
+# editable install (make install) or a checkout, not from a built wheel.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[3] / "migrations"
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
+    """Create an engine tuned for short write transactions on SQLite or PostgreSQL.
+
+    SQLite transactions start with BEGIN IMMEDIATE, so a transaction takes
+    the write lock before it reads a budget and two writers never both read
+    the old value. PostgreSQL uses row locks (SELECT ... FOR UPDATE) instead.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sqlalchemy_create_engine(
+            parsed,
+            echo=echo,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            connect_args={
+                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                "check_same_thread": False,
+            },
+        )
+        _configure_sqlite(engine)
+        return engine
+    return sqlalchemy_create_engine(
+        parsed,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_timeout=10,
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(connection: Any, _record: Any) -> None:
+        # Hand transaction control to the "begin" hook below.
+        connection.isolation_level = None
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # FULL syncs the WAL on every commit, so a power loss loses no decision.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """Return an alembic Config pointing at the shipped migrations."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the database of `engine` to `revision`."""
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def check_schema(engine: Engine) -> str:
+    """Raise SchemaOutdatedError unless the database is at the newest revision.
+
+    Returns the current revision.
+    """
+    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    with engine.connect() as connection:
+        current = set(MigrationContext.configure(connection).get_current_heads())
+        connection.rollback()
+    if current != heads:
+        have = ", ".join(sorted(current)) or "none"
+        want = ", ".join(sorted(heads))
+        raise SchemaOutdatedError(
+            f"database schema is at revision {have}, but this spendgate needs {want}; "
+            "run `spendgate migrate --database URL` first"
+        )
+    return next(iter(current))

@@ -1,0 +1,625 @@
+"""The ledger: reservations, spend and the audit log, kept exact in SQL.
+
+Every Check runs in one short transaction: create the budget rows it needs,
+lock them, let the evaluator decide on the locked usage, write the
+reservation and the audit row, commit. The lock (row locks on PostgreSQL, the
+database write lock on SQLite) is what keeps a hard budget exact when many
+Checks, threads or replicas race for the same money.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, and_, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+
+from spendgate import evaluator
+from spendgate.errors import ConflictError, NotFoundError
+from spendgate.evaluator import BudgetLine, Decision, Outcome, Plan, Reason, Usage
+from spendgate.ledger._tables import (
+    audit_events,
+    budget_usage,
+    reservation_budgets,
+    reservations,
+)
+from spendgate.money import token_cost_micros
+from spendgate.policy import ExpiryAction
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request is for, as recorded in the audit log."""
+
+    department: str
+    team: str = ""
+    user: str = ""
+    application: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRecord:
+    """A decided Check as stored: the outcome's fields and the reservation."""
+
+    decision: Decision
+    model: str
+    requested_model: str
+    reason: Reason
+    rule: str
+    message: str
+    policy_version: str
+    reservation_id: str
+    estimated_micros: int
+    input_tokens: int
+    input_tokens_estimated: bool
+    max_output_tokens: int
+    shadow_decision: Decision | None
+    expires_at: datetime | None
+    # Usage of each budget line after this Check, by BudgetLine.key.
+    usage: Mapping[str, Usage]
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRecord:
+    """Result of a Commit."""
+
+    cost_micros: int
+    reserved_micros: int
+    overage_micros: int
+    already_committed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRecord:
+    """Result of a Release."""
+
+    released_micros: int
+    already_released: bool
+
+
+def new_reservation_id() -> str:
+    """Return a random reservation id of 32 hex digits."""
+    return secrets.token_hex(16)
+
+
+class Ledger:
+    """Reserve, commit, release and expire money on budgets, with an audit row each."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        dialect = engine.dialect.name
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # SQLite's write lock covers the whole database; FOR UPDATE is for PostgreSQL.
+        self._lock_rows = dialect == "postgresql"
+
+    def check(
+        self,
+        *,
+        request_id: str,
+        principal: Principal,
+        plan: Plan,
+        policy_version: str,
+        reservation_ttl: timedelta,
+        labels: Mapping[str, str],
+        now: datetime | None = None,
+    ) -> CheckRecord:
+        """Decide on `plan` against the locked budgets and record the result.
+
+        A request_id seen before returns the stored decision and reserves
+        nothing, even when two retries race.
+        """
+        now = now or datetime.now(UTC)
+        with self.engine.connect() as connection:
+            try:
+                with connection.begin():
+                    stored = self._find_check(connection, request_id, plan.budgets)
+                    if stored is not None:
+                        return stored
+                    return self._check(
+                        connection,
+                        request_id=request_id,
+                        principal=principal,
+                        plan=plan,
+                        policy_version=policy_version,
+                        reservation_ttl=reservation_ttl,
+                        labels=labels,
+                        now=now,
+                    )
+            except IntegrityError:
+                # A concurrent retry with the same request_id committed first.
+                with connection.begin():
+                    stored = self._find_check(connection, request_id, plan.budgets)
+                if stored is None:
+                    raise
+                return stored
+
+    def _check(
+        self,
+        connection: Connection,
+        *,
+        request_id: str,
+        principal: Principal,
+        plan: Plan,
+        policy_version: str,
+        reservation_ttl: timedelta,
+        labels: Mapping[str, str],
+        now: datetime,
+    ) -> CheckRecord:
+        rows = self._lock_budgets(
+            connection, plan.budgets, now, create=plan.final is None
+        )
+        usage = {
+            key: Usage(row.spent_micros, row.reserved_micros)
+            for key, row in rows.items()
+        }
+        outcome = evaluator.decide(plan, usage)
+        candidate = outcome.candidate
+
+        reservation_id = ""
+        expires_at = None
+        if outcome.reserves and candidate is not None:
+            reservation_id = new_reservation_id()
+            expires_at = now + reservation_ttl
+            amount = candidate.estimate_micros
+            usage_ids = [rows[line.key].id for line in plan.budgets]
+            if usage_ids:
+                connection.execute(
+                    update(budget_usage)
+                    .where(budget_usage.c.id.in_(usage_ids))
+                    .values(
+                        reserved_micros=budget_usage.c.reserved_micros + amount,
+                        updated_at=now,
+                    )
+                )
+            connection.execute(
+                reservations.insert().values(
+                    id=reservation_id,
+                    request_id=request_id,
+                    state="open",
+                    department=principal.department,
+                    team=principal.team,
+                    user=principal.user,
+                    application=principal.application,
+                    model=candidate.model.name,
+                    estimated_micros=amount,
+                    input_price_micros=candidate.model.input_price_micros,
+                    cached_input_price_micros=candidate.model.cached_input_price_micros,
+                    output_price_micros=candidate.model.output_price_micros,
+                    policy_version=policy_version,
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
+            if usage_ids:
+                connection.execute(
+                    reservation_budgets.insert(),
+                    [
+                        {"reservation_id": reservation_id, "usage_id": i}
+                        for i in usage_ids
+                    ],
+                )
+            usage = {
+                key: Usage(value.spent_micros, value.reserved_micros + amount)
+                for key, value in usage.items()
+            }
+
+        connection.execute(
+            audit_events.insert().values(
+                **_audit_outcome(outcome),
+                occurred_at=now,
+                event="check",
+                request_id=request_id,
+                check_request_id=request_id,
+                reservation_id=reservation_id or None,
+                department=principal.department,
+                team=principal.team,
+                user=principal.user,
+                application=principal.application,
+                policy_version=policy_version,
+                labels=json.dumps(dict(labels), sort_keys=True),
+            )
+        )
+        return _record(outcome, policy_version, reservation_id, expires_at, usage)
+
+    def _lock_budgets(
+        self,
+        connection: Connection,
+        lines: Sequence[BudgetLine],
+        now: datetime,
+        *,
+        create: bool,
+    ) -> dict[str, Row[Any]]:
+        """Create missing rows for `lines`, then lock and read them in key order.
+
+        Rows are created and locked in key order, so two transactions never
+        wait on each other's rows in opposite orders (no deadlock).
+        """
+        if not lines:
+            return {}
+        ordered = sorted(
+            {line.key: line for line in lines}.values(), key=lambda line: line.key
+        )
+        if create:
+            statement = self._insert(budget_usage).on_conflict_do_nothing(
+                index_elements=["budget_key"]
+            )
+            connection.execute(
+                statement,
+                [
+                    {
+                        "budget_key": line.key,
+                        "rule": line.budget.rule,
+                        "scope": line.scope.value,
+                        "subject": line.subject,
+                        "period": line.budget.period.value,
+                        "window": line.window,
+                        "spent_micros": 0,
+                        "reserved_micros": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for line in ordered
+                ],
+            )
+        query = (
+            select(
+                budget_usage.c.budget_key,
+                budget_usage.c.id,
+                budget_usage.c.spent_micros,
+                budget_usage.c.reserved_micros,
+            )
+            .where(budget_usage.c.budget_key.in_([line.key for line in ordered]))
+            .order_by(budget_usage.c.budget_key)
+        )
+        if self._lock_rows and create:
+            query = query.with_for_update()
+        return {row.budget_key: row for row in connection.execute(query)}
+
+    def _find_check(
+        self, connection: Connection, request_id: str, lines: Sequence[BudgetLine]
+    ) -> CheckRecord | None:
+        row = connection.execute(
+            select(audit_events, reservations.c.expires_at)
+            .select_from(
+                audit_events.outerjoin(
+                    reservations, reservations.c.id == audit_events.c.reservation_id
+                )
+            )
+            .where(audit_events.c.check_request_id == request_id)
+        ).first()
+        if row is None:
+            return None
+        usage = self.read_usage(lines, connection=connection)
+        shadow = row.shadow_decision
+        return CheckRecord(
+            decision=Decision(row.decision),
+            model=row.effective_model,
+            requested_model=row.requested_model,
+            reason=Reason(row.reason_code),
+            rule=row.rule,
+            message=row.message,
+            policy_version=row.policy_version,
+            reservation_id=row.reservation_id or "",
+            estimated_micros=row.estimated_micros or 0,
+            input_tokens=row.input_tokens or 0,
+            input_tokens_estimated=bool(row.input_tokens_estimated),
+            max_output_tokens=row.max_output_tokens or 0,
+            shadow_decision=None if shadow is None else Decision(shadow),
+            expires_at=_aware(row.expires_at),
+            usage=usage,
+            replayed=True,
+        )
+
+    def read_usage(
+        self, lines: Iterable[BudgetLine], *, connection: Connection | None = None
+    ) -> dict[str, Usage]:
+        """Read the usage of budget lines without locking; absent rows are empty."""
+        keys = [line.key for line in lines]
+        if not keys:
+            return {}
+        query = select(
+            budget_usage.c.budget_key,
+            budget_usage.c.spent_micros,
+            budget_usage.c.reserved_micros,
+        ).where(budget_usage.c.budget_key.in_(keys))
+        if connection is not None:
+            rows = connection.execute(query).all()
+        else:
+            with self.engine.connect() as own:
+                rows = own.execute(query).all()
+        found = {
+            row.budget_key: Usage(row.spent_micros, row.reserved_micros) for row in rows
+        }
+        return {key: found.get(key, Usage()) for key in keys}
+
+    def commit(
+        self,
+        reservation_id: str,
+        *,
+        input_tokens: int,
+        cached_input_tokens: int,
+        output_tokens: int,
+        now: datetime | None = None,
+    ) -> CommitRecord:
+        """Turn a reservation into spend priced from the reported usage.
+
+        A retried Commit with the same usage changes nothing and says so; a
+        Commit of a released reservation raises ConflictError. A Commit after
+        expiry still records the spend and corrects what expiry charged.
+        """
+        now = now or datetime.now(UTC)
+        with self.engine.begin() as connection:
+            row = self._reservation(connection, reservation_id)
+            if row.state == "committed":
+                return CommitRecord(row.actual_micros, row.estimated_micros, 0, True)
+            if row.state == "released":
+                raise ConflictError(
+                    f"reservation {reservation_id} was released, so it cannot be committed"
+                )
+            cost = token_cost_micros(
+                tokens_and_prices=(
+                    (input_tokens - cached_input_tokens, row.input_price_micros),
+                    (cached_input_tokens, row.cached_input_price_micros),
+                    (output_tokens, row.output_price_micros),
+                )
+            )
+            held = row.estimated_micros if row.state == "open" else 0
+            spent_delta = cost - row.charged_micros
+            self._move(connection, reservation_id, -held, spent_delta, now)
+            connection.execute(
+                update(reservations)
+                .where(reservations.c.id == reservation_id)
+                .values(
+                    state="committed",
+                    actual_micros=cost,
+                    input_tokens=input_tokens,
+                    cached_input_tokens=cached_input_tokens,
+                    output_tokens=output_tokens,
+                    settled_at=now,
+                )
+            )
+            overage = max(0, cost - row.estimated_micros)
+            self._audit_settlement(
+                connection,
+                row,
+                event="commit",
+                now=now,
+                actual_micros=cost,
+                overage_micros=overage,
+                tokens=(input_tokens, cached_input_tokens, output_tokens),
+            )
+        return CommitRecord(cost, row.estimated_micros, overage, False)
+
+    def release(
+        self, reservation_id: str, *, now: datetime | None = None
+    ) -> ReleaseRecord:
+        """Free a reservation; a retried Release changes nothing and says so.
+
+        Releasing an expired reservation refunds what expiry charged, because
+        the application reports that the model call did not happen.
+        """
+        now = now or datetime.now(UTC)
+        with self.engine.begin() as connection:
+            row = self._reservation(connection, reservation_id)
+            if row.state == "released":
+                return ReleaseRecord(row.estimated_micros, True)
+            if row.state == "committed":
+                raise ConflictError(
+                    f"reservation {reservation_id} was committed, so it cannot be released"
+                )
+            # An expired reservation may have been charged; releasing it refunds that.
+            held = row.estimated_micros if row.state == "open" else 0
+            self._move(connection, reservation_id, -held, -row.charged_micros, now)
+            connection.execute(
+                update(reservations)
+                .where(reservations.c.id == reservation_id)
+                .values(state="released", charged_micros=0, settled_at=now)
+            )
+            self._audit_settlement(connection, row, event="release", now=now)
+        return ReleaseRecord(row.estimated_micros, False)
+
+    def expire(
+        self, action: ExpiryAction, *, now: datetime | None = None, limit: int = 100
+    ) -> int:
+        """Settle up to `limit` reservations past their TTL; return how many.
+
+        Each reservation is settled in its own transaction by a conditional
+        update on its state, so replicas sweeping at once never settle one twice.
+        """
+        now = now or datetime.now(UTC)
+        with self.engine.connect() as connection:
+            expired_ids = (
+                connection.execute(
+                    select(reservations.c.id)
+                    .where(
+                        and_(
+                            reservations.c.state == "open",
+                            reservations.c.expires_at < now,
+                        )
+                    )
+                    .order_by(reservations.c.expires_at)
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
+            connection.rollback()
+
+        settled = 0
+        for reservation_id in expired_ids:
+            with self.engine.begin() as connection:
+                claimed = connection.execute(
+                    update(reservations)
+                    .where(
+                        and_(
+                            reservations.c.id == reservation_id,
+                            reservations.c.state == "open",
+                        )
+                    )
+                    .values(state="expired", settled_at=now)
+                )
+                if claimed.rowcount != 1:
+                    continue
+                row = self._reservation(connection, reservation_id)
+                charge = row.estimated_micros if action is ExpiryAction.CHARGE else 0
+                self._move(
+                    connection, reservation_id, -row.estimated_micros, charge, now
+                )
+                if charge:
+                    connection.execute(
+                        update(reservations)
+                        .where(reservations.c.id == reservation_id)
+                        .values(charged_micros=charge)
+                    )
+                self._audit_settlement(
+                    connection, row, event="expire", now=now, actual_micros=charge
+                )
+                settled += 1
+        return settled
+
+    def _reservation(self, connection: Connection, reservation_id: str) -> Row[Any]:
+        query = select(reservations).where(reservations.c.id == reservation_id)
+        if self._lock_rows:
+            query = query.with_for_update()
+        row = connection.execute(query).first()
+        if row is None:
+            raise NotFoundError(f"reservation {reservation_id!r} not found")
+        return row
+
+    def _move(
+        self,
+        connection: Connection,
+        reservation_id: str,
+        reserved_delta: int,
+        spent_delta: int,
+        now: datetime,
+    ) -> None:
+        """Add the deltas to every budget row the reservation holds money on."""
+        usage_ids = select(reservation_budgets.c.usage_id).where(
+            reservation_budgets.c.reservation_id == reservation_id
+        )
+        connection.execute(
+            update(budget_usage)
+            .where(budget_usage.c.id.in_(usage_ids))
+            .values(
+                reserved_micros=budget_usage.c.reserved_micros + reserved_delta,
+                spent_micros=budget_usage.c.spent_micros + spent_delta,
+                updated_at=now,
+            )
+        )
+
+    def _audit_settlement(
+        self,
+        connection: Connection,
+        row: Row[Any],
+        *,
+        event: str,
+        now: datetime,
+        actual_micros: int | None = None,
+        overage_micros: int | None = None,
+        tokens: tuple[int, int, int] | None = None,
+    ) -> None:
+        input_tokens, cached, output = tokens if tokens else (None, None, None)
+        connection.execute(
+            audit_events.insert().values(
+                occurred_at=now,
+                event=event,
+                request_id=row.request_id,
+                reservation_id=row.id,
+                department=row.department,
+                team=row.team,
+                user=row.user,
+                application=row.application,
+                requested_model=row.model,
+                effective_model=row.model,
+                decision="",
+                reason_code="",
+                rule="",
+                message="",
+                policy_version=row.policy_version,
+                input_tokens=input_tokens,
+                cached_input_tokens=cached,
+                output_tokens=output,
+                estimated_micros=row.estimated_micros,
+                actual_micros=actual_micros,
+                overage_micros=overage_micros,
+            )
+        )
+
+    def totals(self) -> tuple[int, int]:
+        """Return total spent and reserved micro-USD over all rows, for checks."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(
+                    func.coalesce(func.sum(budget_usage.c.spent_micros), 0),
+                    func.coalesce(func.sum(budget_usage.c.reserved_micros), 0),
+                )
+            ).one()
+            connection.rollback()
+        return int(row[0]), int(row[1])
+
+
+def _audit_outcome(outcome: Outcome) -> dict[str, Any]:
+    candidate = outcome.candidate
+    return {
+        "requested_model": outcome.requested_model,
+        "effective_model": outcome.model,
+        "decision": outcome.decision.value,
+        "shadow_decision": outcome.shadow_decision.value
+        if outcome.shadow_decision
+        else None,
+        "reason_code": outcome.reason.value,
+        "rule": outcome.rule,
+        "message": outcome.message,
+        "input_tokens": candidate.input_tokens if candidate else None,
+        "input_tokens_estimated": candidate.input_tokens_estimated
+        if candidate
+        else False,
+        "max_output_tokens": candidate.max_output_tokens if candidate else None,
+        "estimated_micros": candidate.estimate_micros
+        if outcome.reserves and candidate
+        else 0,
+    }
+
+
+def _record(
+    outcome: Outcome,
+    policy_version: str,
+    reservation_id: str,
+    expires_at: datetime | None,
+    usage: Mapping[str, Usage],
+) -> CheckRecord:
+    candidate = outcome.candidate
+    return CheckRecord(
+        decision=outcome.decision,
+        model=outcome.model,
+        requested_model=outcome.requested_model,
+        reason=outcome.reason,
+        rule=outcome.rule,
+        message=outcome.message,
+        policy_version=policy_version,
+        reservation_id=reservation_id,
+        estimated_micros=candidate.estimate_micros
+        if outcome.reserves and candidate
+        else 0,
+        input_tokens=candidate.input_tokens if candidate else 0,
+        input_tokens_estimated=candidate.input_tokens_estimated if candidate else False,
+        max_output_tokens=candidate.max_output_tokens if candidate else 0,
+        shadow_decision=outcome.shadow_decision,
+        expires_at=expires_at,
+        usage=usage,
+    )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """Mark naive datetimes read back from SQLite as the UTC they were written in."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)

@@ -1,0 +1,163 @@
+"""Read YAML documents into plain values while remembering where each value sits.
+
+Policy errors must name the file, line and column of the offending key, which
+PyYAML's constructed values forget, so values are built here from the node
+tree. Floats become Decimal so that prices and limits never pass through a
+binary float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spendgate.errors import Problem
+
+PathKey = tuple[str | int, ...]
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MAPPING_TAG = "tag:yaml.org,2002:map"
+
+
+@dataclass(slots=True)
+class Document:
+    """One YAML document with the source position of every value and key."""
+
+    file: str
+    index: int
+    data: Any
+    line: int
+    column: int
+    value_marks: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
+    key_marks: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
+
+    def problem(
+        self,
+        path: PathKey,
+        message: str,
+        *,
+        at_key: bool = False,
+        severity: str = "error",
+    ) -> Problem:
+        """Build a Problem located at `path`, or at its nearest located parent."""
+        marks = self.key_marks if at_key else self.value_marks
+        probe = path
+        while probe and probe not in marks and probe not in self.value_marks:
+            probe = probe[:-1]
+        line, column = (
+            marks.get(probe)
+            or self.value_marks.get(probe)
+            or (
+                self.line,
+                self.column,
+            )
+        )
+        return Problem(self.file, line, column, format_path(path), message, severity)
+
+
+def format_path(path: PathKey) -> str:
+    """Render a key path as budgets[1].limit_usd."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+class _Builder:
+    """Turn a composed node tree into values, recording marks and problems."""
+
+    def __init__(self, document: Document, problems: list[Problem]) -> None:
+        self.document = document
+        self.problems = problems
+        self.constructor = yaml.SafeLoader("")
+
+    def build(self, node: yaml.Node, path: PathKey) -> Any:
+        self.document.value_marks[path] = _mark(node)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        return self._scalar(node, path)
+
+    def _mapping(self, node: yaml.MappingNode, path: PathKey) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self._error(key_node, path, "YAML merge keys (<<) are not supported")
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self._error(key_node, path, "mapping keys must be plain strings")
+                continue
+            key = str(key_node.value)
+            child = (*path, key)
+            if key in result:
+                self._error(key_node, child, f"duplicate key {key!r}")
+                continue
+            self.document.key_marks[child] = _mark(key_node)
+            result[key] = self.build(value_node, child)
+        return result
+
+    def _scalar(self, node: yaml.Node, path: PathKey) -> Any:
+        if node.tag == _FLOAT_TAG:
+            text = str(node.value).replace("_", "")
+            try:
+                number = Decimal(text)
+            except InvalidOperation:
+                number = None
+            if number is None or not number.is_finite():
+                self._error(node, path, f"{node.value!r} is not a finite number")
+                return None
+            return number
+        if node.tag == "tag:yaml.org,2002:timestamp":
+            # Kept as text: the reader parses it with datetime.fromisoformat.
+            return str(node.value)
+        return self.constructor.construct_object(node, deep=True)
+
+    def _error(self, node: yaml.Node, path: PathKey, message: str) -> None:
+        line, column = _mark(node)
+        self.problems.append(
+            Problem(self.document.file, line, column, format_path(path), message)
+        )
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def read_documents(
+    path: Path, display_name: str
+) -> tuple[list[Document], list[Problem]]:
+    """Read every document of one YAML file; syntax errors become Problems."""
+    problems: list[Problem] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return [], [Problem(display_name, 1, 1, "", f"cannot read file: {error}")]
+
+    documents: list[Document] = []
+    try:
+        for index, node in enumerate(yaml.compose_all(text, Loader=yaml.SafeLoader)):
+            if node is None:
+                continue
+            line, column = _mark(node)
+            document = Document(display_name, index, None, line, column)
+            document.data = _Builder(document, problems).build(node, ())
+            documents.append(document)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark else 1
+        column = mark.column + 1 if mark else 1
+        reason = error.problem or error.context or "invalid YAML"
+        problems.append(
+            Problem(display_name, line, column, "", f"invalid YAML: {reason}")
+        )
+    except yaml.YAMLError as error:
+        problems.append(Problem(display_name, 1, 1, "", f"invalid YAML: {error}"))
+    return documents, problems

@@ -1,0 +1,468 @@
+"""The gRPC server: SpendGate beside the standard health and reflection services."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any, NoReturn
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from spendgate import evaluator, tokens
+from spendgate.errors import (
+    ConflictError,
+    LedgerUnavailableError,
+    NotFoundError,
+    RequestError,
+    SpendgateError,
+)
+from spendgate.evaluator import BudgetLine, Decision, Usage
+from spendgate.ledger import CheckRecord, Ledger, Principal
+from spendgate.policy import Policy
+from spendgate.v1 import spendgate_pb2 as pb
+from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("spendgate.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpendGate"].full_name
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+MAX_ID_LENGTH = 200
+MAX_NAME_LENGTH = 100
+MAX_LABELS = 32
+MAX_LABEL_LENGTH = 256
+MAX_TOKENS = 10**9
+
+_DECISIONS = {
+    Decision.ALLOW: pb.DECISION_ALLOW,
+    Decision.DENY: pb.DECISION_DENY,
+    Decision.DOWNGRADE: pb.DECISION_DOWNGRADE,
+}
+
+_STATUS = {
+    RequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    ConflictError: grpc.StatusCode.FAILED_PRECONDITION,
+    LedgerUnavailableError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class PolicyHolder:
+    """The policy in force; a reload swaps the whole object in one assignment."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+
+    @property
+    def current(self) -> Policy:
+        """Return the policy to decide with; callers keep this one snapshot."""
+        return self._policy
+
+    def replace(self, policy: Policy) -> None:
+        """Make `policy` the one in force for every request that starts after."""
+        self._policy = policy
+
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SpendGateServicer(pb_grpc.SpendGateServicer):
+    """Implements the SpendGate RPCs on a policy holder and a ledger."""
+
+    def __init__(
+        self, policies: PolicyHolder, ledger: Ledger, clock: Clock = _utc_now
+    ) -> None:
+        self.policies = policies
+        self.ledger = ledger
+        self.clock = clock
+
+    def Check(
+        self, request: pb.CheckRequest, context: grpc.ServicerContext
+    ) -> pb.CheckResponse:
+        with _rpc(context, "check", request_id=request.request_id) as fields:
+            domain = _parse_check(request)
+            policy = self.policies.current
+            now = self.clock()
+            plan = evaluator.plan(policy, domain, now)
+            record = self.ledger.check(
+                request_id=request.request_id,
+                principal=Principal(
+                    department=domain.department,
+                    team=domain.team,
+                    user=domain.user,
+                    application=domain.application,
+                ),
+                plan=plan,
+                policy_version=policy.version,
+                reservation_ttl=policy.organization.reservation_ttl,
+                labels=dict(request.labels),
+                now=now,
+            )
+            fields.update(
+                department=domain.department,
+                team=domain.team,
+                user=domain.user,
+                application=domain.application,
+                decision=record.decision.value,
+                reason_code=record.reason.value,
+                rule=record.rule,
+                requested_model=record.requested_model,
+                model=record.model,
+                reservation_id=record.reservation_id,
+                estimated_cost_micros=record.estimated_micros,
+                input_tokens=record.input_tokens,
+                policy_version=record.policy_version,
+                replayed=record.replayed,
+            )
+            return _check_response(record, plan.budgets)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Commit(
+        self, request: pb.CommitRequest, context: grpc.ServicerContext
+    ) -> pb.CommitResponse:
+        with _rpc(context, "commit", reservation_id=request.reservation_id) as fields:
+            _require(request.reservation_id, "reservation_id")
+            for name in ("input_tokens", "cached_input_tokens", "output_tokens"):
+                _bounded(getattr(request, name), name)
+            if request.cached_input_tokens > request.input_tokens:
+                raise RequestError(
+                    "cached_input_tokens",
+                    f"must not exceed input_tokens ({request.cached_input_tokens} > "
+                    f"{request.input_tokens})",
+                )
+            record = self.ledger.commit(
+                request.reservation_id,
+                input_tokens=request.input_tokens,
+                cached_input_tokens=request.cached_input_tokens,
+                output_tokens=request.output_tokens,
+                now=self.clock(),
+            )
+            fields.update(
+                cost_micros=record.cost_micros,
+                overage_micros=record.overage_micros,
+                already_committed=record.already_committed,
+            )
+            return pb.CommitResponse(
+                cost_micros=record.cost_micros,
+                reserved_micros=record.reserved_micros,
+                overage_micros=record.overage_micros,
+                already_committed=record.already_committed,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def Release(
+        self, request: pb.ReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseResponse:
+        with _rpc(context, "release", reservation_id=request.reservation_id) as fields:
+            _require(request.reservation_id, "reservation_id")
+            record = self.ledger.release(request.reservation_id, now=self.clock())
+            fields.update(
+                released_micros=record.released_micros,
+                already_released=record.already_released,
+            )
+            return pb.ReleaseResponse(
+                released_micros=record.released_micros,
+                already_released=record.already_released,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def GetBudget(
+        self, request: pb.GetBudgetRequest, context: grpc.ServicerContext
+    ) -> pb.GetBudgetResponse:
+        with _rpc(context, "get_budget", department=request.principal.department):
+            principal = request.principal
+            _require(principal.department, "principal.department")
+            policy = self.policies.current
+            lines = evaluator.budget_lines(
+                policy,
+                principal.department,
+                principal.team,
+                principal.user,
+                self.clock(),
+            )
+            if lines is None:
+                raise NotFoundError(
+                    f"department {principal.department!r} is not defined in the policy"
+                )
+            usage = self.ledger.read_usage(lines)
+            return pb.GetBudgetResponse(
+                budgets=_budget_statuses(lines, usage), policy_version=policy.version
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextmanager
+def _rpc(
+    context: grpc.ServicerContext, method: str, **ids: Any
+) -> Iterator[dict[str, Any]]:
+    """Log one line per RPC and turn errors into gRPC status codes, in one place."""
+    started = time.perf_counter()
+    fields: dict[str, Any] = dict(ids)
+    try:
+        yield fields
+    except SpendgateError as error:
+        code = next(
+            (code for kind, code in _STATUS.items() if isinstance(error, kind)),
+            grpc.StatusCode.INTERNAL,
+        )
+        log.info(
+            method, status=code.name, error=str(error), **_elapsed(started), **fields
+        )
+        _abort(context, code, str(error))
+    except (DBAPIError, SQLAlchemyError) as error:
+        log.error(
+            method, status="UNAVAILABLE", exc_info=error, **_elapsed(started), **fields
+        )
+        _abort(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            "the ledger database is unavailable; retry later",
+        )
+    else:
+        log.info(method, status="OK", **_elapsed(started), **fields)
+
+
+def _abort(
+    context: grpc.ServicerContext, code: grpc.StatusCode, message: str
+) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def _elapsed(started: float) -> dict[str, float]:
+    return {"duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+
+def _require(value: str, field: str) -> None:
+    if not value.strip():
+        raise RequestError(field, "is required")
+    limit = MAX_ID_LENGTH if field.endswith("id") else MAX_NAME_LENGTH
+    if len(value) > limit:
+        raise RequestError(
+            field, f"must be at most {limit} characters, got {len(value)}"
+        )
+
+
+def _bounded(value: int, field: str) -> None:
+    if value > MAX_TOKENS:
+        raise RequestError(field, f"must be at most {MAX_TOKENS}, got {value}")
+
+
+def _parse_check(request: pb.CheckRequest) -> evaluator.Request:
+    """Validate a CheckRequest and convert it to the evaluator's Request."""
+    _require(request.request_id, "request_id")
+    principal = request.principal
+    _require(principal.department, "principal.department")
+    _require(request.model, "model")
+    for field in ("team", "user", "application"):
+        value = getattr(principal, field)
+        if len(value) > MAX_ID_LENGTH:
+            raise RequestError(
+                f"principal.{field}",
+                f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}",
+            )
+    if len(request.labels) > MAX_LABELS:
+        raise RequestError(
+            "labels", f"at most {MAX_LABELS} labels, got {len(request.labels)}"
+        )
+    for key, value in request.labels.items():
+        if len(key) > MAX_LABEL_LENGTH or len(value) > MAX_LABEL_LENGTH:
+            raise RequestError(
+                f"labels[{key[:40]!r}]",
+                f"keys and values must be at most {MAX_LABEL_LENGTH} characters",
+            )
+
+    which = request.WhichOneof("input")
+    if which is None:
+        raise RequestError(
+            "input", "one of prompt, messages or input_tokens is required"
+        )
+    max_output = (
+        request.max_output_tokens if request.HasField("max_output_tokens") else None
+    )
+    common = {
+        "department": principal.department.strip(),
+        "model": request.model.strip(),
+        "team": principal.team.strip(),
+        "user": principal.user.strip(),
+        "application": principal.application.strip(),
+        "max_output_tokens": max_output,
+    }
+    if which == "prompt":
+        return evaluator.Request(prompt=request.prompt, **common)
+    if which == "messages":
+        if not request.messages.messages:
+            raise RequestError("messages", "must hold at least one message")
+        messages = [
+            tokens.ChatMessage(role=m.role, content=m.content, name=m.name)
+            for m in request.messages.messages
+        ]
+        return evaluator.Request(messages=messages, **common)
+    _bounded(request.input_tokens, "input_tokens")
+    return evaluator.Request(input_tokens=request.input_tokens, **common)
+
+
+def _budget_statuses(
+    lines: tuple[BudgetLine, ...], usage: dict[str, Usage] | Any
+) -> list[pb.BudgetStatus]:
+    empty = Usage()
+    return [
+        pb.BudgetStatus(
+            scope=line.label,
+            budget=line.budget.name,
+            period=line.budget.period.value,
+            window=line.window,
+            limit_micros=line.budget.limit_micros,
+            spent_micros=usage.get(line.key, empty).spent_micros,
+            reserved_micros=usage.get(line.key, empty).reserved_micros,
+            rule=line.budget.rule,
+            shadow=line.budget.shadow,
+        )
+        for line in lines
+    ]
+
+
+def _check_response(
+    record: CheckRecord, lines: tuple[BudgetLine, ...]
+) -> pb.CheckResponse:
+    response = pb.CheckResponse(
+        decision=_DECISIONS[record.decision],
+        model=record.model,
+        requested_model=record.requested_model,
+        reason_code=record.reason.value,
+        message=record.message,
+        rule=record.rule,
+        policy_version=record.policy_version,
+        reservation_id=record.reservation_id,
+        estimated_cost_micros=record.estimated_micros,
+        input_tokens=record.input_tokens,
+        input_tokens_estimated=record.input_tokens_estimated,
+        max_output_tokens=record.max_output_tokens,
+        budgets=_budget_statuses(lines, record.usage),
+        replayed=record.replayed,
+    )
+    if record.shadow_decision is not None:
+        response.shadow_decision = _DECISIONS[record.shadow_decision]
+        response.shadow = (
+            record.decision is Decision.ALLOW
+            and record.shadow_decision is not Decision.ALLOW
+        )
+    if record.expires_at is not None:
+        response.reservation_expires_at = int(record.expires_at.timestamp())
+    return response
+
+
+@dataclass(slots=True)
+class Running:
+    """A started server with the pieces a caller stops or inspects."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    sweeper: ExpirySweeper
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, drain in-flight calls for `grace` seconds, then stop."""
+        self.health.enter_graceful_shutdown()
+        self.sweeper.stop()
+        self.server.stop(grace).wait()
+
+
+class ExpirySweeper(threading.Thread):
+    """Background thread settling reservations that outlived their TTL."""
+
+    def __init__(self, policies: PolicyHolder, ledger: Ledger, interval: float) -> None:
+        super().__init__(name="spendgate-expiry", daemon=True)
+        self.policies = policies
+        self.ledger = ledger
+        self.interval = interval
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            self.sweep()
+
+    def sweep(self) -> int:
+        """Settle expired reservations now; return how many were settled."""
+        action = self.policies.current.organization.on_reservation_expiry
+        try:
+            settled = self.ledger.expire(action)
+        except SQLAlchemyError as error:
+            log.error("expiry_sweep_failed", exc_info=error)
+            return 0
+        if settled:
+            log.info("reservations_expired", count=settled, action=action.value)
+        return settled
+
+    def stop(self) -> None:
+        """Stop the thread after its current sweep."""
+        self._stopped.set()
+
+
+def create_server(
+    address: str,
+    policies: PolicyHolder,
+    ledger: Ledger,
+    *,
+    max_workers: int = 16,
+    sweep_interval: float = 15.0,
+    clock: Clock = _utc_now,
+) -> Running:
+    """Build and start a server on `address`; port 0 picks a free port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="spendgate-rpc"
+        ),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_SpendGateServicer_to_server(
+        SpendGateServicer(policies, ledger, clock), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    sweeper = ExpirySweeper(policies, ledger, sweep_interval)
+    sweeper.start()
+    return Running(server, port, health_servicer, sweeper)
+
+
+def serve_forever(running: Running, grace: float) -> None:
+    """Block until SIGTERM or SIGINT, then shut down gracefully."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info(
+            "shutdown_started", signal=signal.Signals(signum).name, grace_seconds=grace
+        )
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    running.stop(grace)
+    log.info("shutdown_finished")
