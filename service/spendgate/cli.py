@@ -171,10 +171,11 @@ def validate(directory: Path, output_format: str) -> None:
         for problem in result.warnings:
             click.echo(f"warning: {problem}", err=True)
         if result.policy is not None:
-            click.echo(
-                f"{directory}: valid, {len(result.files)} files, version {result.policy.version}"
-                + (f", {len(result.warnings)} warnings" if result.warnings else "")
-            )
+            summary = f"{directory}: valid, {len(result.files)} files"
+            summary += f", version {result.policy.version}"
+            if result.warnings:
+                summary += f", {len(result.warnings)} warnings"
+            click.echo(summary)
         else:
             click.echo(f"{directory}: invalid, {len(result.errors)} errors", err=True)
     sys.exit(EXIT_OK if result.policy is not None else EXIT_INVALID_POLICY)
@@ -272,7 +273,7 @@ def check(
         request.max_output_tokens = max_output_tokens
 
     with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.SpendGateStub(channel)
+        stub = pb_grpc.SpendGateStub(channel)  # type: ignore[no-untyped-call]
         try:
             response = stub.Check(request, timeout=timeout)
         except grpc.RpcError as error:

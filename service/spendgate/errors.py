@@ -2,11 +2,12 @@
 
 SpendgateError
  +-- PolicyError            a policy directory failed to load; carries every problem
- +-- RequestError           a request is malformed; gRPC INVALID_ARGUMENT
- +-- NotFoundError          a reservation id is unknown; gRPC NOT_FOUND
- +-- ConflictError          a reservation is in the wrong state; gRPC FAILED_PRECONDITION
- +-- SchemaOutdatedError    the database schema is behind the migrations
- +-- LedgerUnavailableError the database could not be reached in time; gRPC UNAVAILABLE
+ +-- RequestError           malformed request (gRPC INVALID_ARGUMENT)
+ +-- NotFoundError          unknown reservation id (gRPC NOT_FOUND)
+ +-- ConflictError          reservation in the wrong state (gRPC FAILED_PRECONDITION)
+ +-- SchemaOutdatedError    database schema behind the migrations
+ +-- LedgerUnavailableError database unreachable or too slow (gRPC UNAVAILABLE)
+ +-- TokenizerError         tokenizer unknown or its file damaged (in tokens.py)
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def plan(
         result.final = _deny(
             Reason.UNKNOWN_MODEL,
             "catalog",
-            f"Model {request.model!r} is not in the model catalog, so it cannot be priced.",
+            f"Model {request.model!r} is not in the catalog, so it cannot be priced.",
             request.model,
         )
         return result
@@ -239,7 +239,8 @@ def decide(plan: Plan, usage: Mapping[str, Usage]) -> Outcome:
     enforced = tuple(line for line in plan.budgets if not line.budget.shadow)
     outcome = _pick(plan, enforced, usage)
     department = plan.department
-    assert department is not None and plan.requested is not None
+    assert department is not None
+    assert plan.requested is not None
 
     if department.shadow:
         would_be = _pick(plan, plan.budgets, usage)
@@ -255,7 +256,8 @@ def _pick(
     plan: Plan, lines: tuple[BudgetLine, ...], usage: Mapping[str, Usage]
 ) -> Outcome:
     requested = plan.requested
-    assert requested is not None and plan.department is not None
+    assert requested is not None
+    assert plan.department is not None
     empty = Usage()
     exceeded: BudgetLine | None = None
     chosen_index = -1
@@ -411,7 +413,7 @@ def _add_candidates(
 
         if failure is None:
             result.trace.append(
-                f"{name}: passes model rules and limits; {counted.tokens} input tokens, "
+                f"{name}: passes model rules and limits: {counted.tokens} input, "
                 f"{output} output tokens, estimate {estimate} micro-USD"
             )
             candidates.append(candidate)
@@ -512,8 +514,10 @@ _MESSAGES = {
     Reason.ALLOWED: "{requested} is allowed.",
     Reason.MODEL_NOT_ALLOWED: "{requested} is not allowed for this department or team",
     Reason.REQUEST_TOO_LARGE: "The input is larger than the limit for {requested}.",
-    Reason.REQUEST_TOO_EXPENSIVE: "The estimated cost of {requested} is over the per-request cap",
-    Reason.BUDGET_EXCEEDED: "The estimated cost of {requested} does not fit in a budget",
+    Reason.REQUEST_TOO_EXPENSIVE: (
+        "The estimated cost of {requested} is over the per-request cap"
+    ),
+    Reason.BUDGET_EXCEEDED: "The estimated cost of {requested} does not fit a budget",
     Reason.BUDGET_THRESHOLD: "A budget is past its downgrade threshold",
 }
 

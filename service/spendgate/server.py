@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, NoReturn
@@ -294,16 +294,16 @@ def _parse_check(request: pb.CheckRequest) -> evaluator.Request:
     max_output = (
         request.max_output_tokens if request.HasField("max_output_tokens") else None
     )
-    common = {
-        "department": principal.department.strip(),
-        "model": request.model.strip(),
-        "team": principal.team.strip(),
-        "user": principal.user.strip(),
-        "application": principal.application.strip(),
-        "max_output_tokens": max_output,
-    }
+    base = evaluator.Request(
+        department=principal.department.strip(),
+        model=request.model.strip(),
+        team=principal.team.strip(),
+        user=principal.user.strip(),
+        application=principal.application.strip(),
+        max_output_tokens=max_output,
+    )
     if which == "prompt":
-        return evaluator.Request(prompt=request.prompt, **common)
+        return replace(base, prompt=request.prompt)
     if which == "messages":
         if not request.messages.messages:
             raise RequestError("messages", "must hold at least one message")
@@ -311,9 +311,9 @@ def _parse_check(request: pb.CheckRequest) -> evaluator.Request:
             tokens.ChatMessage(role=m.role, content=m.content, name=m.name)
             for m in request.messages.messages
         ]
-        return evaluator.Request(messages=messages, **common)
+        return replace(base, messages=messages)
     _bounded(request.input_tokens, "input_tokens")
-    return evaluator.Request(input_tokens=request.input_tokens, **common)
+    return replace(base, input_tokens=request.input_tokens)
 
 
 def _budget_statuses(
@@ -385,11 +385,18 @@ class Running:
 class ExpirySweeper(threading.Thread):
     """Background thread settling reservations that outlived their TTL."""
 
-    def __init__(self, policies: PolicyHolder, ledger: Ledger, interval: float) -> None:
+    def __init__(
+        self,
+        policies: PolicyHolder,
+        ledger: Ledger,
+        interval: float,
+        clock: Clock = _utc_now,
+    ) -> None:
         super().__init__(name="spendgate-expiry", daemon=True)
         self.policies = policies
         self.ledger = ledger
         self.interval = interval
+        self.clock = clock
         self._stopped = threading.Event()
 
     def run(self) -> None:
@@ -400,7 +407,7 @@ class ExpirySweeper(threading.Thread):
         """Settle expired reservations now; return how many were settled."""
         action = self.policies.current.organization.on_reservation_expiry
         try:
-            settled = self.ledger.expire(action)
+            settled = self.ledger.expire(action, now=self.clock())
         except SQLAlchemyError as error:
             log.error("expiry_sweep_failed", exc_info=error)
             return 0
@@ -432,9 +439,9 @@ def create_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_SpendGateServicer_to_server(
-        SpendGateServicer(policies, ledger, clock), server
-    )
+    servicer = SpendGateServicer(policies, ledger, clock)
+    # The generated registration function carries no type annotations.
+    pb_grpc.add_SpendGateServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -446,7 +453,7 @@ def create_server(
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sweeper = ExpirySweeper(policies, ledger, sweep_interval)
+    sweeper = ExpirySweeper(policies, ledger, sweep_interval, clock)
     sweeper.start()
     return Running(server, port, health_servicer, sweeper)
 

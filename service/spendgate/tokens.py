@@ -15,6 +15,8 @@ from typing import Final, NamedTuple
 
 import tiktoken
 
+from spendgate.errors import SpendgateError
+
 __all__ = [
     "APPROXIMATE",
     "CACHE_MAX_ENTRIES",
@@ -59,7 +61,7 @@ CACHE_MIN_CHARS: Final = 4096
 CACHE_MAX_ENTRIES: Final = 4096
 
 
-class TokenizerError(Exception):
+class TokenizerError(SpendgateError):
     """Base of the errors this module raises."""
 
 

@@ -235,7 +235,7 @@ class Ledger:
         now: datetime,
         *,
         create: bool,
-    ) -> dict[str, Row[Any]]:
+    ) -> dict[str, Row[Any, Any, Any, Any]]:
         """Create missing rows for `lines`, then lock and read them in key order.
 
         Rows are created and locked in key order, so two transactions never
@@ -361,7 +361,7 @@ class Ledger:
                 return CommitRecord(row.actual_micros, row.estimated_micros, 0, True)
             if row.state == "released":
                 raise ConflictError(
-                    f"reservation {reservation_id} was released, so it cannot be committed"
+                    f"reservation {reservation_id} was released; it cannot be committed"
                 )
             cost = token_cost_micros(
                 tokens_and_prices=(
@@ -412,7 +412,7 @@ class Ledger:
                 return ReleaseRecord(row.estimated_micros, True)
             if row.state == "committed":
                 raise ConflictError(
-                    f"reservation {reservation_id} was committed, so it cannot be released"
+                    f"reservation {reservation_id} was committed; it cannot be released"
                 )
             # An expired reservation may have been charged; releasing it refunds that.
             held = row.estimated_micros if row.state == "open" else 0

@@ -46,7 +46,7 @@ class LoadResult:
 
 
 def policy_files(directory: Path) -> list[Path]:
-    """List the YAML files of a policy directory in a stable order, skipping dot folders."""
+    """List a policy directory's YAML files in a stable order, skipping dot folders."""
     found = []
     for path in directory.rglob("*"):
         relative = path.relative_to(directory)
@@ -217,7 +217,7 @@ class _Compiler:
             self.errors.append(
                 document.problem(
                     ("unknown_department",),
-                    f'must be "deny" or the name of a Department, got "{fallback}"{hint}',
+                    f'must be "deny" or a Department name, got "{fallback}"{hint}',
                 )
             )
             return None
@@ -430,7 +430,7 @@ class _Compiler:
                 self.errors.append(
                     document.problem(
                         ("downgrades", source),
-                        f"{source!r} names model {source_name!r}, which already has a downgrade",
+                        f"{source!r} is {source_name!r}, which already has a downgrade",
                         at_key=True,
                     )
                 )

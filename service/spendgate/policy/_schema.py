@@ -325,7 +325,7 @@ def _budget(default_per: str) -> Object:
                     minimum=Decimal(1),
                     maximum=Decimal(100),
                     places=2,
-                    description="From this share of the limit on, downgrade when a target exists.",
+                    description="Downgrade if possible from this percent of the limit.",
                 )
             ),
             "shadow": Key(Flag(description="Evaluate and audit, never enforce.")),
@@ -441,7 +441,7 @@ def check_document(document: Document) -> list[Problem]:
     elif version != API_VERSION:
         report.error(
             ("apiVersion",),
-            f'unsupported apiVersion {_show(version)}; this spendgate reads "{API_VERSION}"',
+            f'unsupported apiVersion {_show(version)}; expected "{API_VERSION}"',
         )
     kind = data.get("kind")
     shape = KINDS.get(kind) if isinstance(kind, str) else None
