@@ -232,6 +232,12 @@ def _rpc(
             grpc.StatusCode.UNAVAILABLE,
             "the ledger database is unavailable; retry later",
         )
+    except Exception as error:
+        # A bug, not a bad request: log it whole and answer INTERNAL.
+        log.error(
+            method, status="INTERNAL", exc_info=error, **_elapsed(started), **fields
+        )
+        _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the server log")
     else:
         log.info(method, status="OK", **_elapsed(started), **fields)
 

@@ -152,9 +152,9 @@ class Ledger:
         labels: Mapping[str, str],
         now: datetime,
     ) -> CheckRecord:
-        rows = self._lock_budgets(
-            connection, plan.budgets, now, create=plan.final is None
-        )
+        # A plan decided before the budgets still reserves when shadow mode allows it.
+        reserves = plan.final is None or plan.final.reserves
+        rows = self._lock_budgets(connection, plan.budgets, now, create=reserves)
         usage = {
             key: Usage(row.spent_micros, row.reserved_micros)
             for key, row in rows.items()

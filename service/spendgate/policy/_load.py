@@ -438,20 +438,25 @@ class _Compiler:
             edges[source_name] = target_name
 
         chains: dict[str, tuple[str, ...]] = {}
+        reported: set[frozenset[str]] = set()
         for start in edges:
             chain: list[str] = []
             current = start
             while current in edges:
                 current = edges[current]
                 if current == start or current in chain:
-                    cycle = " -> ".join([start, *chain, current])
-                    self.errors.append(
-                        document.problem(
-                            ("downgrades", start),
-                            f"downgrade cycle: {cycle}",
-                            at_key=True,
+                    # Each cycle is reported once, from the first of its models.
+                    members = frozenset([start, *chain])
+                    if current == start and members not in reported:
+                        reported.add(members)
+                        cycle = " -> ".join([start, *chain, current])
+                        self.errors.append(
+                            document.problem(
+                                ("downgrades", start),
+                                f"downgrade cycle: {cycle}",
+                                at_key=True,
+                            )
                         )
-                    )
                     break
                 chain.append(current)
             else:

@@ -135,7 +135,11 @@ class Policy:
         for department in self.departments.values():
             prefix = f"departments/{department.name}"
             ids += [prefix, department.models_rule]
-            ids += [f"{prefix}/limits/{key}" for key in _limit_keys(department.limits)]
+            # Decisions name the department's limit rule even when a team set it.
+            limit_keys = set(_limit_keys(department.limits))
+            for team in department.teams.values():
+                limit_keys.update(_limit_keys(team.limits))
+            ids += [f"{prefix}/limits/{key}" for key in sorted(limit_keys)]
             ids += [budget.rule for budget in department.budgets]
             for team in department.teams.values():
                 ids.append(team.models_rule)
