@@ -72,6 +72,12 @@ def main(log_level: str, log_json: bool | None) -> None:
     help="gRPC worker threads.",
 )
 @click.option(
+    "--watch/--no-watch",
+    default=True,
+    show_default=True,
+    help="Reload policies on file changes; SIGHUP and a 2-second poll always work.",
+)
+@click.option(
     "--grace",
     default=10.0,
     show_default=True,
@@ -79,12 +85,18 @@ def main(log_level: str, log_json: bool | None) -> None:
     help="Seconds to drain in-flight calls on SIGTERM.",
 )
 def serve(
-    address: str, policy_dir: Path, database: str, workers: int, grace: float
+    address: str,
+    policy_dir: Path,
+    database: str,
+    workers: int,
+    watch: bool,
+    grace: float,
 ) -> None:
     """Serve the SpendGate gRPC API."""
     from spendgate import ledger, server, tokens
     from spendgate.errors import PolicyError, SchemaOutdatedError
     from spendgate.policy import load_policy
+    from spendgate.reload import PolicyReloader, install_sighup
 
     log = structlog.get_logger("spendgate")
     try:
@@ -100,9 +112,17 @@ def serve(
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
 
+    holder = server.PolicyHolder(policy)
+    reloader = PolicyReloader(policy_dir, holder, watch=watch)
     running = server.create_server(
-        address, server.PolicyHolder(policy), ledger.Ledger(engine), max_workers=workers
+        address,
+        holder,
+        ledger.Ledger(engine),
+        max_workers=workers,
+        reloader=reloader,
     )
+    reloader.start()
+    install_sighup(reloader)
     log.info(
         "server_started",
         address=address,
@@ -114,6 +134,7 @@ def serve(
         workers=workers,
     )
     server.serve_forever(running, grace)
+    reloader.stop()
     engine.dispose()
 
 
@@ -177,8 +198,43 @@ def validate(directory: Path, output_format: str) -> None:
                 summary += f", {len(result.warnings)} warnings"
             click.echo(summary)
         else:
-            click.echo(f"{directory}: invalid, {len(result.errors)} errors", err=True)
+            count = len(result.errors)
+            noun = "error" if count == 1 else "errors"
+            click.echo(f"{directory}: invalid, {count} {noun}", err=True)
     sys.exit(EXIT_OK if result.policy is not None else EXIT_INVALID_POLICY)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of policy documents, for editors and CI."""
+    from spendgate.policy import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@main.command()
+@click.option(
+    "--address", default=DEFAULT_ADDRESS, show_default=True, help="Server HOST:PORT."
+)
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1))
+def status(address: str, timeout: float) -> None:
+    """Print a running server's policy version and last rejected reload as JSON."""
+    import grpc
+    from google.protobuf import json_format
+
+    from spendgate.v1 import spendgate_pb2 as pb
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.SpendGateStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            response = stub.GetPolicyStatus(
+                pb.GetPolicyStatusRequest(), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            click.echo(f"error: {error.code().name}: {error.details()}", err=True)
+            sys.exit(1)
+    click.echo(json.dumps(json_format.MessageToDict(response), indent=2))
 
 
 @main.command()

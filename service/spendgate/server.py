@@ -30,6 +30,7 @@ from spendgate.errors import (
 from spendgate.evaluator import BudgetLine, Decision, Usage
 from spendgate.ledger import CheckRecord, Ledger, Principal
 from spendgate.policy import Policy
+from spendgate.reload import PolicyReloader
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
@@ -84,11 +85,16 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
     """Implements the SpendGate RPCs on a policy holder and a ledger."""
 
     def __init__(
-        self, policies: PolicyHolder, ledger: Ledger, clock: Clock = _utc_now
+        self,
+        policies: PolicyHolder,
+        ledger: Ledger,
+        clock: Clock = _utc_now,
+        reloader: PolicyReloader | None = None,
     ) -> None:
         self.policies = policies
         self.ledger = ledger
         self.clock = clock
+        self.reloader = reloader
 
     def Check(
         self, request: pb.CheckRequest, context: grpc.ServicerContext
@@ -202,6 +208,33 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
             return pb.GetBudgetResponse(
                 budgets=_budget_statuses(lines, usage), policy_version=policy.version
             )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def GetPolicyStatus(
+        self, request: pb.GetPolicyStatusRequest, context: grpc.ServicerContext
+    ) -> pb.PolicyStatus:
+        with _rpc(context, "get_policy_status"):
+            policy = self.policies.current
+            status = pb.PolicyStatus(
+                version=policy.version,
+                content_hash=policy.content_hash,
+                files=len(policy.files),
+                warnings=[str(warning) for warning in policy.warnings],
+            )
+            status.loaded_at.FromDatetime(policy.loaded_at)
+            if self.reloader is not None:
+                reload_status = self.reloader.status
+                status.directory = reload_status.directory
+                status.reloads = reload_status.reloads
+                status.rejections = reload_status.rejections
+                if reload_status.last_checked_at is not None:
+                    status.last_checked_at.FromDatetime(reload_status.last_checked_at)
+                rejection = reload_status.last_rejection
+                if rejection is not None:
+                    status.last_rejected.content_hash = rejection.content_hash
+                    status.last_rejected.rejected_at.FromDatetime(rejection.at)
+                    status.last_rejected.errors.extend(str(e) for e in rejection.errors)
+            return status
         raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -434,6 +467,7 @@ def create_server(
     max_workers: int = 16,
     sweep_interval: float = 15.0,
     clock: Clock = _utc_now,
+    reloader: PolicyReloader | None = None,
 ) -> Running:
     """Build and start a server on `address`; port 0 picks a free port."""
     server = grpc.server(
@@ -445,7 +479,7 @@ def create_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    servicer = SpendGateServicer(policies, ledger, clock)
+    servicer = SpendGateServicer(policies, ledger, clock, reloader)
     # The generated registration function carries no type annotations.
     pb_grpc.add_SpendGateServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -27,7 +26,8 @@ from spendgate.policy._model import (
     Team,
 )
 from spendgate.policy._schema import NON_POLICY_KINDS, check_document, suggest
-from spendgate.policy._yaml import Document, PathKey, read_documents
+from spendgate.policy._version import version_of
+from spendgate.policy._yaml import Document, PathKey, parse_documents
 from spendgate.windows import Period
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -57,19 +57,11 @@ def policy_files(directory: Path) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(directory).as_posix())
 
 
-def content_hash(directory: Path, files: Iterable[Path]) -> str:
-    """Hash the relative names and bytes of the files, so any edit changes it."""
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(directory).as_posix().encode())
-        digest.update(b"\0")
-        digest.update(path.read_bytes())
-        digest.update(b"\0")
-    return digest.hexdigest()
+def read_policy(directory: Path) -> LoadResult:
+    """Read, validate and compile `directory`, collecting every problem.
 
-
-def read_policy(directory: Path, *, version_prefix: str = "") -> LoadResult:
-    """Read, validate and compile `directory`, collecting every problem."""
+    Each file is read once; the version is computed from those same bytes.
+    """
     result = LoadResult(policy=None)
     if not directory.is_dir():
         where = str(directory)
@@ -80,8 +72,14 @@ def read_policy(directory: Path, *, version_prefix: str = "") -> LoadResult:
     result.files = [path.relative_to(directory).as_posix() for path in files]
     documents: list[Document] = []
     failed_kinds: set[str] = set()
-    for path in files:
-        read, problems = read_documents(path, path.relative_to(directory).as_posix())
+    snapshot: dict[str, bytes] = {}
+    for path, name in zip(files, result.files, strict=True):
+        try:
+            snapshot[name] = path.read_bytes()
+        except OSError as error:
+            result.errors.append(Problem(name, 1, 1, "", f"cannot read file: {error}"))
+            continue
+        read, problems = parse_documents(snapshot[name], name)
         result.errors += problems
         for document in read:
             kind = (
@@ -104,13 +102,13 @@ def read_policy(directory: Path, *, version_prefix: str = "") -> LoadResult:
         return result
 
     organization, models, names, departments = compiled
-    digest = content_hash(directory, files)
+    version, digest = version_of(directory, snapshot)
     result.policy = Policy(
         organization=organization,
         models=MappingProxyType(models),
         model_names=MappingProxyType(names),
         departments=MappingProxyType(departments),
-        version=f"{version_prefix}sha256:{digest[:12]}",
+        version=version,
         content_hash=digest,
         loaded_at=datetime.now(UTC),
         files=tuple(result.files),
@@ -119,9 +117,9 @@ def read_policy(directory: Path, *, version_prefix: str = "") -> LoadResult:
     return result
 
 
-def load_policy(directory: Path, *, version_prefix: str = "") -> Policy:
+def load_policy(directory: Path) -> Policy:
     """Load a policy directory, or raise PolicyError listing every error."""
-    result = read_policy(directory, version_prefix=version_prefix)
+    result = read_policy(directory)
     if result.policy is None:
         raise PolicyError(result.errors)
     return result.policy

@@ -135,17 +135,29 @@ def read_documents(
     path: Path, display_name: str
 ) -> tuple[list[Document], list[Problem]]:
     """Read every document of one YAML file; syntax errors become Problems."""
-    problems: list[Problem] = []
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        data = path.read_bytes()
+    except OSError as error:
         return [], [Problem(display_name, 1, 1, "", f"cannot read file: {error}")]
+    return parse_documents(data, display_name)
 
+
+def parse_documents(
+    data: bytes, display_name: str
+) -> tuple[list[Document], list[Problem]]:
+    """Parse the bytes of one YAML file; syntax errors become Problems."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return [], [Problem(display_name, 1, 1, "", f"file is not UTF-8: {error}")]
+
+    problems: list[Problem] = []
     documents: list[Document] = []
     try:
         for index, node in enumerate(yaml.compose_all(text, Loader=yaml.SafeLoader)):
-            if node is None:
-                continue
+            empty = isinstance(node, yaml.ScalarNode) and node.value == ""
+            if node is None or empty:
+                continue  # An empty document, such as a trailing "---".
             line, column = _mark(node)
             document = Document(display_name, index, None, line, column)
             document.data = _Builder(document, problems).build(node, ())

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -184,3 +187,41 @@ class GetBudgetResponse(_message.Message):
     budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
     policy_version: str
     def __init__(self, budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., policy_version: _Optional[str] = ...) -> None: ...
+
+class GetPolicyStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RejectedPolicy(_message.Message):
+    __slots__ = ("content_hash", "rejected_at", "errors")
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    content_hash: str
+    rejected_at: _timestamp_pb2.Timestamp
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, content_hash: _Optional[str] = ..., rejected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PolicyStatus(_message.Message):
+    __slots__ = ("version", "content_hash", "loaded_at", "directory", "files", "warnings", "reloads", "rejections", "last_rejected", "last_checked_at")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    RELOADS_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    content_hash: str
+    loaded_at: _timestamp_pb2.Timestamp
+    directory: str
+    files: int
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    reloads: int
+    rejections: int
+    last_rejected: RejectedPolicy
+    last_checked_at: _timestamp_pb2.Timestamp
+    def __init__(self, version: _Optional[str] = ..., content_hash: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., directory: _Optional[str] = ..., files: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., reloads: _Optional[int] = ..., rejections: _Optional[int] = ..., last_rejected: _Optional[_Union[RejectedPolicy, _Mapping]] = ..., last_checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

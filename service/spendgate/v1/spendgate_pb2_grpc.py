@@ -56,6 +56,11 @@ class SpendGateStub:
                 request_serializer=spendgate_dot_v1_dot_spendgate__pb2.GetBudgetRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GetBudgetResponse.FromString,
                 _registered_method=True)
+        self.GetPolicyStatus = channel.unary_unary(
+                '/spendgate.v1.SpendGate/GetPolicyStatus',
+                request_serializer=spendgate_dot_v1_dot_spendgate__pb2.GetPolicyStatusRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_spendgate__pb2.PolicyStatus.FromString,
+                _registered_method=True)
 
 
 class SpendGateServicer:
@@ -94,6 +99,14 @@ class SpendGateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPolicyStatus(self, request, context):
+        """GetPolicyStatus reports the policy version in force and the last
+        version that was rejected on reload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SpendGateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +129,11 @@ def add_SpendGateServicer_to_server(servicer, server):
                     servicer.GetBudget,
                     request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GetBudgetRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_spendgate__pb2.GetBudgetResponse.SerializeToString,
+            ),
+            'GetPolicyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicyStatus,
+                    request_deserializer=spendgate_dot_v1_dot_spendgate__pb2.GetPolicyStatusRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_spendgate__pb2.PolicyStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +246,33 @@ class SpendGate:
             '/spendgate.v1.SpendGate/GetBudget',
             spendgate_dot_v1_dot_spendgate__pb2.GetBudgetRequest.SerializeToString,
             spendgate_dot_v1_dot_spendgate__pb2.GetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.SpendGate/GetPolicyStatus',
+            spendgate_dot_v1_dot_spendgate__pb2.GetPolicyStatusRequest.SerializeToString,
+            spendgate_dot_v1_dot_spendgate__pb2.PolicyStatus.FromString,
             options,
             channel_credentials,
             insecure,
