@@ -370,7 +370,7 @@ class _Compiler:
                     Scope.TEAM,
                 ),
             )
-        return Department(
+        department = Department(
             name=name,
             shadow=data.get("mode", "enforce") == "shadow",
             allowed_models=allowed,
@@ -382,6 +382,56 @@ class _Compiler:
             budgets=budgets,
             teams=MappingProxyType(teams),
         )
+        self._warn_department(document, department)
+        return department
+
+    def _warn(self, document: Document, path: PathKey, message: str) -> None:
+        self.warnings.append(document.problem(path, message, severity="warning"))
+
+    def _warn_department(self, document: Document, department: Department) -> None:
+        """Warn about valid policies that are likely mistakes."""
+        team_budgets = [b for team in department.teams.values() for b in team.budgets]
+        if not department.budgets and not team_budgets:
+            self._warn(
+                document,
+                ("name",),
+                f"department {department.name!r} has no budget, so its spend is "
+                "unlimited",
+            )
+        for source, chain in department.chains.items():
+            target = chain[0]
+            cheaper = self.models[source]
+            dearer = self.models[target]
+            if (
+                dearer.input_price_micros > cheaper.input_price_micros
+                or dearer.output_price_micros > cheaper.output_price_micros
+            ):
+                self._warn(
+                    document,
+                    ("downgrades", source),
+                    f"downgrade target {target!r} is more expensive than {source!r}",
+                )
+        for index, entry in enumerate(document.data.get("teams", [])):
+            team = department.teams.get(entry["name"])
+            if team is None:
+                continue
+            for position, budget in enumerate(team.budgets):
+                wider = [
+                    own
+                    for own in department.budgets
+                    if own.period is budget.period
+                    and own.per is Scope.DEPARTMENT
+                    and budget.per is Scope.TEAM
+                    and budget.limit_micros > own.limit_micros
+                ]
+                if wider:
+                    self._warn(
+                        document,
+                        ("teams", index, "budgets", position, "limit_usd"),
+                        f"team budget {budget.name!r} is larger than the department's "
+                        f"{budget.period.value} budget {wider[0].name!r}, which caps "
+                        "it anyway",
+                    )
 
     def _budgets(
         self,
