@@ -75,7 +75,14 @@ def main(log_level: str, log_json: bool | None) -> None:
     "--watch/--no-watch",
     default=True,
     show_default=True,
-    help="Reload policies on file changes; SIGHUP and a 2-second poll always work.",
+    help="Reload policies on file change events; SIGHUP always reloads.",
+)
+@click.option(
+    "--poll-interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds between checks of the policy directory; 0 turns the poll off.",
 )
 @click.option(
     "--grace",
@@ -90,6 +97,7 @@ def serve(
     database: str,
     workers: int,
     watch: bool,
+    poll_interval: float,
     grace: float,
 ) -> None:
     """Serve the SpendGate gRPC API."""
@@ -113,7 +121,9 @@ def serve(
         sys.exit(1)
 
     holder = server.PolicyHolder(policy)
-    reloader = PolicyReloader(policy_dir, holder, watch=watch)
+    reloader = PolicyReloader(
+        policy_dir, holder, watch=watch, poll_seconds=poll_interval
+    )
     running = server.create_server(
         address,
         holder,
@@ -343,6 +353,200 @@ def check(
             indent=2,
         )
     )
+
+
+def _parse_time_option(
+    _ctx: click.Context, param: click.Parameter, value: str | None
+) -> Any:
+    """Parse --since or --until to an aware UTC datetime."""
+    from datetime import UTC, datetime
+
+    from spendgate import reports
+
+    if value is None:
+        return None
+    try:
+        return reports.parse_time(
+            value, now=datetime.now(UTC), end_of_day=param.name == "until"
+        )
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@main.command()
+@database_option
+@click.option(
+    "--department", default=None, help="Only events of this department, any case."
+)
+@click.option(
+    "--decision",
+    type=click.Choice(["allow", "deny", "downgrade"], case_sensitive=False),
+    default=None,
+    help="Only check events with this decision (shadow mode: the decision returned).",
+)
+@click.option(
+    "--event",
+    type=click.Choice(["check", "commit", "release", "expire"], case_sensitive=False),
+    default=None,
+    help="Only events of this kind.",
+)
+@click.option(
+    "--since",
+    callback=_parse_time_option,
+    metavar="TIME",
+    help="Only events at or after TIME: an ISO 8601 date or datetime (UTC "
+    "without an offset) or a time back from now such as 30m, 24h or 7d.",
+)
+@click.option(
+    "--until",
+    callback=_parse_time_option,
+    metavar="TIME",
+    help="Only events before TIME, in the same forms; a date alone includes "
+    "that whole day.",
+)
+@click.option(
+    "--limit",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Show the newest N matching events; 0 shows all.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="table for a terminal, json for one object per line, csv with a header.",
+)
+def audit(
+    database: str,
+    department: str | None,
+    decision: str | None,
+    event: str | None,
+    since: Any,
+    until: Any,
+    limit: int,
+    output_format: str,
+) -> None:
+    """Print audit log events oldest first, so the newest come last.
+
+    Money is exact: the table shows USD to the micro-USD, json and csv give
+    integer micro-USD beside a USD decimal string. Exit 1 when the database
+    cannot be read.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from spendgate import reports
+    from spendgate.errors import SpendgateError
+    from spendgate.evaluator import Decision
+
+    if since is not None and until is not None and since >= until:
+        raise click.BadParameter(
+            f"--since ({since.isoformat()}) must be before --until "
+            f"({until.isoformat()})",
+            param_hint="--since",
+        )
+    audit_filter = reports.AuditFilter(
+        department=department,
+        decision=None if decision is None else Decision(decision.upper()),
+        event=None if event is None else event.lower(),
+        since=since,
+        until=until,
+    )
+    try:
+        engine = reports.open_ledger(database)
+        selection = reports.read_audit(engine, audit_filter, limit=limit or None)
+        printed = 0
+        for line in reports.render_audit(selection.events, output_format):
+            click.echo(line)
+            printed += 1
+    except SpendgateError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except SQLAlchemyError as error:
+        click.echo(f"error: reading the audit log failed: {error}", err=True)
+        sys.exit(1)
+    engine.dispose()
+    # csv prints its header line even when no event matches.
+    header_lines = 1 if output_format == "csv" else 0
+    if printed == header_lines:
+        click.echo("no audit events match", err=True)
+    if selection.truncated:
+        click.echo(
+            f"showing the newest {limit} matching events; "
+            "pass --limit 0 for all, or narrow with --since",
+            err=True,
+        )
+
+
+@main.command()
+@database_option
+@click.option(
+    "--policies",
+    "policy_dir",
+    default=DEFAULT_POLICIES,
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Policy directory.",
+)
+@click.option("--department", default=None, help="Only this department's budgets.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table for a terminal, json for one object per line.",
+)
+def budgets(
+    database: str, policy_dir: Path, department: str | None, output_format: str
+) -> None:
+    """Print every budget of the policy in its current window, with its usage.
+
+    Per-user budgets, and department budgets per team, list the subjects the
+    ledger has rows for in the window. Money is exact: the table shows USD to
+    the micro-USD, json gives integer micro-USD beside a USD decimal string.
+    Exit 1 when the database cannot be read, 3 when the policy is invalid.
+    """
+    from datetime import UTC, datetime
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from spendgate import reports
+    from spendgate.errors import PolicyError, SpendgateError
+    from spendgate.policy import load_policy
+
+    try:
+        policy = load_policy(policy_dir)
+    except PolicyError as error:
+        click.echo(str(error), err=True)
+        sys.exit(EXIT_INVALID_POLICY)
+    if department is not None and department.strip().lower() not in (
+        policy.departments
+    ):
+        known = ", ".join(sorted(policy.departments))
+        raise click.BadParameter(
+            f"department {department!r} is not defined in {policy_dir}; "
+            f"use one of: {known}",
+            param_hint="--department",
+        )
+    try:
+        engine = reports.open_ledger(database)
+        statuses = reports.read_budgets(
+            engine, policy, datetime.now(UTC), department=department
+        )
+    except SpendgateError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except SQLAlchemyError as error:
+        click.echo(f"error: reading the budgets failed: {error}", err=True)
+        sys.exit(1)
+    engine.dispose()
+    for line in reports.render_budgets(statuses, output_format):
+        click.echo(line)
+    if not statuses:
+        click.echo("the policy defines no budgets", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -176,8 +176,10 @@ class PolicyReloader:
             thread.join(timeout=5)
 
     def _poll(self) -> None:
+        # A poll interval of 0 turns polling off: only events and SIGHUP reload.
+        timeout = self.poll_seconds if self.poll_seconds > 0 else None
         while not self._stopped.is_set():
-            woken = self._wake.wait(self.poll_seconds)
+            woken = self._wake.wait(timeout)
             if self._stopped.is_set():
                 return
             self._wake.clear()
