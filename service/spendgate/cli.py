@@ -85,6 +85,14 @@ def main(log_level: str, log_json: bool | None) -> None:
     help="Seconds between checks of the policy directory; 0 turns the poll off.",
 )
 @click.option(
+    "--spool",
+    default="var/spool/unverified-audit.jsonl",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="File keeping audit rows of Checks answered while the database is down "
+    "(fail_mode: open) until they are written to it.",
+)
+@click.option(
     "--grace",
     default=10.0,
     show_default=True,
@@ -98,11 +106,13 @@ def serve(
     workers: int,
     watch: bool,
     poll_interval: float,
+    spool: Path,
     grace: float,
 ) -> None:
     """Serve the SpendGate gRPC API."""
     from spendgate import ledger, server, tokens
     from spendgate.errors import PolicyError, SchemaOutdatedError
+    from spendgate.ledger._spool import AuditSpool
     from spendgate.policy import load_policy
     from spendgate.reload import PolicyReloader, install_sighup
 
@@ -130,6 +140,7 @@ def serve(
         ledger.Ledger(engine),
         max_workers=workers,
         reloader=reloader,
+        spool=AuditSpool(spool),
     )
     reloader.start()
     install_sighup(reloader)

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -20,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from spendgate import evaluator, tokens
+from spendgate.background import DatabaseMonitor, ExpirySweeper
 from spendgate.errors import (
     ConflictError,
     LedgerUnavailableError,
@@ -29,8 +29,19 @@ from spendgate.errors import (
 )
 from spendgate.evaluator import BudgetLine, Decision, Usage
 from spendgate.ledger import CheckRecord, Ledger, Principal
-from spendgate.policy import Policy
+from spendgate.ledger._ledger import unverified_check
+from spendgate.ledger._spool import AuditSpool
+from spendgate.policy import FailMode
 from spendgate.reload import PolicyReloader
+from spendgate.runtime import Clock, PolicyHolder, utc_now
+
+__all__ = [
+    "PolicyHolder",
+    "Running",
+    "SpendGateServicer",
+    "create_server",
+    "serve_forever",
+]
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
@@ -58,29 +69,6 @@ _STATUS = {
 }
 
 
-class PolicyHolder:
-    """The policy in force; a reload swaps the whole object in one assignment."""
-
-    def __init__(self, policy: Policy) -> None:
-        self._policy = policy
-
-    @property
-    def current(self) -> Policy:
-        """Return the policy to decide with; callers keep this one snapshot."""
-        return self._policy
-
-    def replace(self, policy: Policy) -> None:
-        """Make `policy` the one in force for every request that starts after."""
-        self._policy = policy
-
-
-Clock = Callable[[], datetime]
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class SpendGateServicer(pb_grpc.SpendGateServicer):
     """Implements the SpendGate RPCs on a policy holder and a ledger."""
 
@@ -88,36 +76,66 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
         self,
         policies: PolicyHolder,
         ledger: Ledger,
-        clock: Clock = _utc_now,
+        clock: Clock = utc_now,
         reloader: PolicyReloader | None = None,
+        spool: AuditSpool | None = None,
     ) -> None:
         self.policies = policies
         self.ledger = ledger
         self.clock = clock
         self.reloader = reloader
+        self.spool = spool
+        # Set by create_server once the health service exists.
+        self.monitor: DatabaseMonitor | None = None
+
+    def _database_failed(self, error: BaseException) -> None:
+        if self.monitor is not None:
+            self.monitor.mark_down(error)
 
     def Check(
         self, request: pb.CheckRequest, context: grpc.ServicerContext
     ) -> pb.CheckResponse:
-        with _rpc(context, "check", request_id=request.request_id) as fields:
+        with _rpc(
+            context, "check", self._database_failed, request_id=request.request_id
+        ) as fields:
             domain = _parse_check(request)
             policy = self.policies.current
             now = self.clock()
             plan = evaluator.plan(policy, domain, now)
-            record = self.ledger.check(
-                request_id=request.request_id,
-                principal=Principal(
-                    department=domain.department,
-                    team=domain.team,
-                    user=domain.user,
-                    application=domain.application,
-                ),
-                plan=plan,
-                policy_version=policy.version,
-                reservation_ttl=policy.organization.reservation_ttl,
-                labels=dict(request.labels),
-                now=now,
+            principal = Principal(
+                department=domain.department,
+                team=domain.team,
+                user=domain.user,
+                application=domain.application,
             )
+            unverified = False
+            try:
+                record = self.ledger.check(
+                    request_id=request.request_id,
+                    principal=principal,
+                    plan=plan,
+                    policy_version=policy.version,
+                    reservation_ttl=policy.organization.reservation_ttl,
+                    labels=dict(request.labels),
+                    now=now,
+                )
+            except SQLAlchemyError as error:
+                if policy.organization.fail_mode is not FailMode.OPEN:
+                    raise
+                self._database_failed(error)
+                log.warning("check_unverified", error=str(error).splitlines()[0])
+                record, row = unverified_check(
+                    request_id=request.request_id,
+                    principal=principal,
+                    outcome=evaluator.decide(plan, {}),
+                    policy_version=policy.version,
+                    labels=dict(request.labels),
+                    now=now,
+                )
+                if self.spool is None:
+                    raise
+                self.spool.append(row)
+                unverified = True
             fields.update(
                 department=domain.department,
                 team=domain.team,
@@ -133,14 +151,22 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
                 input_tokens=record.input_tokens,
                 policy_version=record.policy_version,
                 replayed=record.replayed,
+                unverified=unverified,
             )
-            return _check_response(record, plan.budgets)
+            response = _check_response(record, plan.budgets)
+            response.unverified = unverified
+            return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     def Commit(
         self, request: pb.CommitRequest, context: grpc.ServicerContext
     ) -> pb.CommitResponse:
-        with _rpc(context, "commit", reservation_id=request.reservation_id) as fields:
+        with _rpc(
+            context,
+            "commit",
+            self._database_failed,
+            reservation_id=request.reservation_id,
+        ) as fields:
             _require(request.reservation_id, "reservation_id")
             for name in ("input_tokens", "cached_input_tokens", "output_tokens"):
                 _bounded(getattr(request, name), name)
@@ -173,7 +199,12 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
     def Release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseResponse:
-        with _rpc(context, "release", reservation_id=request.reservation_id) as fields:
+        with _rpc(
+            context,
+            "release",
+            self._database_failed,
+            reservation_id=request.reservation_id,
+        ) as fields:
             _require(request.reservation_id, "reservation_id")
             record = self.ledger.release(request.reservation_id, now=self.clock())
             fields.update(
@@ -189,7 +220,12 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
     def GetBudget(
         self, request: pb.GetBudgetRequest, context: grpc.ServicerContext
     ) -> pb.GetBudgetResponse:
-        with _rpc(context, "get_budget", department=request.principal.department):
+        with _rpc(
+            context,
+            "get_budget",
+            self._database_failed,
+            department=request.principal.department,
+        ):
             principal = request.principal
             _require(principal.department, "principal.department")
             policy = self.policies.current
@@ -213,7 +249,7 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
     def GetPolicyStatus(
         self, request: pb.GetPolicyStatusRequest, context: grpc.ServicerContext
     ) -> pb.PolicyStatus:
-        with _rpc(context, "get_policy_status"):
+        with _rpc(context, "get_policy_status", self._database_failed):
             policy = self.policies.current
             status = pb.PolicyStatus(
                 version=policy.version,
@@ -240,7 +276,10 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
 
 @contextmanager
 def _rpc(
-    context: grpc.ServicerContext, method: str, **ids: Any
+    context: grpc.ServicerContext,
+    method: str,
+    on_database_error: Callable[[BaseException], None],
+    **ids: Any,
 ) -> Iterator[dict[str, Any]]:
     """Log one line per RPC and turn errors into gRPC status codes, in one place."""
     started = time.perf_counter()
@@ -257,6 +296,7 @@ def _rpc(
         )
         _abort(context, code, str(error))
     except (DBAPIError, SQLAlchemyError) as error:
+        on_database_error(error)
         log.error(
             method, status="UNAVAILABLE", exc_info=error, **_elapsed(started), **fields
         )
@@ -413,50 +453,14 @@ class Running:
     port: int
     health: health.HealthServicer
     sweeper: ExpirySweeper
+    monitor: DatabaseMonitor
 
     def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, drain in-flight calls for `grace` seconds, then stop."""
+        self.monitor.stop()
         self.health.enter_graceful_shutdown()
         self.sweeper.stop()
         self.server.stop(grace).wait()
-
-
-class ExpirySweeper(threading.Thread):
-    """Background thread settling reservations that outlived their TTL."""
-
-    def __init__(
-        self,
-        policies: PolicyHolder,
-        ledger: Ledger,
-        interval: float,
-        clock: Clock = _utc_now,
-    ) -> None:
-        super().__init__(name="spendgate-expiry", daemon=True)
-        self.policies = policies
-        self.ledger = ledger
-        self.interval = interval
-        self.clock = clock
-        self._stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            self.sweep()
-
-    def sweep(self) -> int:
-        """Settle expired reservations now; return how many were settled."""
-        action = self.policies.current.organization.on_reservation_expiry
-        try:
-            settled = self.ledger.expire(action, now=self.clock())
-        except SQLAlchemyError as error:
-            log.error("expiry_sweep_failed", exc_info=error)
-            return 0
-        if settled:
-            log.info("reservations_expired", count=settled, action=action.value)
-        return settled
-
-    def stop(self) -> None:
-        """Stop the thread after its current sweep."""
-        self._stopped.set()
 
 
 def create_server(
@@ -466,10 +470,16 @@ def create_server(
     *,
     max_workers: int = 16,
     sweep_interval: float = 15.0,
-    clock: Clock = _utc_now,
+    health_interval: float = 1.0,
+    clock: Clock = utc_now,
     reloader: PolicyReloader | None = None,
+    spool: AuditSpool | None = None,
 ) -> Running:
-    """Build and start a server on `address`; port 0 picks a free port."""
+    """Build and start a server on `address`; port 0 picks a free port.
+
+    `spool` is the file for audit rows of Checks answered while the database
+    is down under fail_mode: open; without one, such Checks get UNAVAILABLE.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="spendgate-rpc"
@@ -479,7 +489,7 @@ def create_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    servicer = SpendGateServicer(policies, ledger, clock, reloader)
+    servicer = SpendGateServicer(policies, ledger, clock, reloader, spool)
     # The generated registration function carries no type annotations.
     pb_grpc.add_SpendGateServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
@@ -490,12 +500,22 @@ def create_server(
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    monitor = DatabaseMonitor(
+        ledger,
+        health_servicer,
+        ("", SERVICE_NAME),
+        interval=health_interval,
+        spool=spool,
+    )
+    servicer.monitor = monitor
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    monitor.check()
+    monitor.start()
     sweeper = ExpirySweeper(policies, ledger, sweep_interval, clock)
     sweeper.start()
-    return Running(server, port, health_servicer, sweeper)
+    return Running(server, port, health_servicer, sweeper, monitor)
 
 
 def serve_forever(running: Running, grace: float) -> None:

@@ -19,7 +19,13 @@ from spendgate.errors import SchemaOutdatedError
 # editable install (make install) or a checkout, not from a built wheel.
 MIGRATIONS_DIR = Path(__file__).resolve().parents[3] / "migrations"
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+# How long a request may wait for the ledger before it fails (and, under
+# fail_mode: closed, gets UNAVAILABLE). Chosen to stay well under the
+# timeouts applications put on a model call.
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+POSTGRES_CONNECT_TIMEOUT_S = 3
+POSTGRES_STATEMENT_TIMEOUT_MS = 5_000
+POOL_TIMEOUT_S = 5
 
 
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
@@ -46,14 +52,30 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engin
         )
         _configure_sqlite(engine)
         return engine
-    return sqlalchemy_create_engine(
+    engine = sqlalchemy_create_engine(
         parsed,
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        pool_timeout=10,
+        pool_timeout=POOL_TIMEOUT_S,
+        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        if parsed.get_backend_name() == "postgresql"
+        else {},
     )
+    if parsed.get_backend_name() == "postgresql":
+        _configure_postgres(engine)
+    return engine
+
+
+def _configure_postgres(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(connection: Any, _record: Any) -> None:
+        # A lock wait or a hung server fails the request instead of hanging it.
+        cursor = connection.cursor()
+        cursor.execute(f"SET statement_timeout = {POSTGRES_STATEMENT_TIMEOUT_MS}")
+        cursor.close()
+        connection.commit()
 
 
 def _configure_sqlite(engine: Engine) -> None:

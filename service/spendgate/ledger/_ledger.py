@@ -317,6 +317,12 @@ class Ledger:
             replayed=True,
         )
 
+    def ping(self) -> None:
+        """Run a trivial query; raises SQLAlchemyError when the database is down."""
+        with self.engine.connect() as connection:
+            connection.execute(select(1))
+            connection.rollback()
+
     def read_usage(
         self, lines: Iterable[BudgetLine], *, connection: Connection | None = None
     ) -> dict[str, Usage]:
@@ -587,6 +593,36 @@ def _audit_outcome(outcome: Outcome) -> dict[str, Any]:
         if outcome.reserves and candidate
         else 0,
     }
+
+
+def unverified_check(
+    *,
+    request_id: str,
+    principal: Principal,
+    outcome: Outcome,
+    policy_version: str,
+    labels: Mapping[str, str],
+    now: datetime,
+) -> tuple[CheckRecord, dict[str, Any]]:
+    """Build the answer and audit row of a Check decided without the ledger."""
+    row = {
+        **_audit_outcome(outcome),
+        "estimated_micros": 0,
+        "occurred_at": now.isoformat(),
+        "event": "check",
+        "request_id": request_id,
+        "check_request_id": None,
+        "reservation_id": None,
+        "department": principal.department,
+        "team": principal.team,
+        "user": principal.user,
+        "application": principal.application,
+        "policy_version": policy_version,
+        "unverified": True,
+        "labels": json.dumps(dict(labels), sort_keys=True),
+    }
+    record = _record(outcome, policy_version, "", None, {})
+    return record, row
 
 
 def _record(

@@ -123,6 +123,9 @@ audit_events = Table(
     Column("estimated_micros", BigInteger, nullable=True),
     Column("actual_micros", BigInteger, nullable=True),
     Column("overage_micros", BigInteger, nullable=True),
+    # True for a decision made while the ledger was unreachable (fail_mode: open):
+    # no budget was checked and nothing was reserved.
+    Column("unverified", Boolean, nullable=False, server_default=false()),
     # Client labels as a JSON object.
     Column("labels", Text, nullable=False, server_default="{}"),
     Index("ix_audit_events_department_occurred_at", "department", "occurred_at"),

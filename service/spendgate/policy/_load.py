@@ -18,6 +18,7 @@ from spendgate.policy._model import (
     Budget,
     Department,
     ExpiryAction,
+    FailMode,
     Limits,
     Model,
     Organization,
@@ -227,6 +228,7 @@ class _Compiler:
                 data.get("on_reservation_expiry", "charge")
             ),
             unknown_department=None if fallback == "deny" else fallback,
+            fail_mode=FailMode(data.get("fail_mode", "closed")),
         )
 
     def _add_models(self, document: Document) -> None:

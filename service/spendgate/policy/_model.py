@@ -25,6 +25,13 @@ class Scope(enum.StrEnum):
     USER = "user"
 
 
+class FailMode(enum.StrEnum):
+    """How Check answers while the ledger database is unreachable."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+
+
 class ExpiryAction(enum.StrEnum):
     """What an expired reservation turns into."""
 
@@ -107,6 +114,7 @@ class Organization:
     on_reservation_expiry: ExpiryAction
     # Department used for unknown ones; None denies them.
     unknown_department: str | None
+    fail_mode: FailMode = FailMode.CLOSED
 
 
 @dataclass(frozen=True, slots=True)

@@ -360,6 +360,13 @@ ORGANIZATION = Object(
         "unknown_department": Key(
             Text(description="deny, or the name of a Department")
         ),
+        "fail_mode": Key(
+            Text(
+                choices=("closed", "open"),
+                description="When the ledger is unreachable: closed answers "
+                "UNAVAILABLE, open allows unverified.",
+            )
+        ),
     }
 )
 

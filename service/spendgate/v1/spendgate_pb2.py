@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/spendgate.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\tPrincipal\x12\x12\n\ndepartment\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x04 \x01(\t\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"7\n\x08Messages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.spendgate.v1.ChatMessage\"\xd9\x02\n\x0c\x43heckRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\tprincipal\x18\x02 \x01(\x0b\x32\x17.spendgate.v1.Principal\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12*\n\x08messages\x18\x05 \x01(\x0b\x32\x16.spendgate.v1.MessagesH\x00\x12\x16\n\x0cinput_tokens\x18\x06 \x01(\x04H\x00\x12\x1e\n\x11max_output_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x36\n\x06labels\x18\x08 \x03(\x0b\x32&.spendgate.v1.CheckRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05inputB\x14\n\x12_max_output_tokens\"\xb0\x01\n\x0c\x42udgetStatus\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0e\n\x06\x62udget\x18\x02 \x01(\t\x12\x0e\n\x06period\x18\x03 \x01(\t\x12\x0e\n\x06window\x18\x04 \x01(\t\x12\x14\n\x0climit_micros\x18\x05 \x01(\x03\x12\x14\n\x0cspent_micros\x18\x06 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x07 \x01(\x03\x12\x0c\n\x04rule\x18\x08 \x01(\t\x12\x0e\n\x06shadow\x18\t \x01(\x08\"\xd5\x03\n\rCheckResponse\x12(\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x16.spendgate.v1.Decision\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0breason_code\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12\x16\n\x0ereservation_id\x18\x07 \x01(\t\x12\x1d\n\x15\x65stimated_cost_micros\x18\x08 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\t \x01(\x04\x12\x1e\n\x16input_tokens_estimated\x18\n \x01(\x08\x12\x19\n\x11max_output_tokens\x18\x0b \x01(\r\x12+\n\x07\x62udgets\x18\x0c \x03(\x0b\x32\x1a.spendgate.v1.BudgetStatus\x12\x17\n\x0frequested_model\x18\r \x01(\t\x12\x0e\n\x06shadow\x18\x0e \x01(\x08\x12/\n\x0fshadow_decision\x18\x0f \x01(\x0e\x32\x16.spendgate.v1.Decision\x12\x10\n\x08replayed\x18\x10 \x01(\x08\x12\x1e\n\x16reservation_expires_at\x18\x11 \x01(\x03\"q\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x03 \x01(\x04\x12\x15\n\routput_tokens\x18\x04 \x01(\x04\"q\n\x0e\x43ommitResponse\x12\x13\n\x0b\x63ost_micros\x18\x01 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x02 \x01(\x03\x12\x16\n\x0eoverage_micros\x18\x03 \x01(\x03\x12\x19\n\x11\x61lready_committed\x18\x04 \x01(\x08\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"D\n\x0fReleaseResponse\x12\x17\n\x0freleased_micros\x18\x01 \x01(\x03\x12\x18\n\x10\x61lready_released\x18\x02 \x01(\x08\">\n\x10GetBudgetRequest\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.spendgate.v1.Principal\"X\n\x11GetBudgetResponse\x12+\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetStatus\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"\x18\n\x16GetPolicyStatusRequest\"g\n\x0eRejectedPolicy\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12/\n\x0brejected_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"\xa7\x02\n\x0cPolicyStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdirectory\x18\x04 \x01(\t\x12\r\n\x05\x66iles\x18\x05 \x01(\r\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x0f\n\x07reloads\x18\x07 \x01(\x04\x12\x12\n\nrejections\x18\x08 \x01(\x04\x12\x33\n\rlast_rejected\x18\t \x01(\x0b\x32\x1c.spendgate.v1.RejectedPolicy\x12\x33\n\x0flast_checked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*c\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x12\x16\n\x12\x44\x45\x43ISION_DOWNGRADE\x10\x03\x32\xfd\x02\n\tSpendGate\x12@\n\x05\x43heck\x12\x1a.spendgate.v1.CheckRequest\x1a\x1b.spendgate.v1.CheckResponse\x12\x43\n\x06\x43ommit\x12\x1b.spendgate.v1.CommitRequest\x1a\x1c.spendgate.v1.CommitResponse\x12\x46\n\x07Release\x12\x1c.spendgate.v1.ReleaseRequest\x1a\x1d.spendgate.v1.ReleaseResponse\x12L\n\tGetBudget\x12\x1e.spendgate.v1.GetBudgetRequest\x1a\x1f.spendgate.v1.GetBudgetResponse\x12S\n\x0fGetPolicyStatus\x12$.spendgate.v1.GetPolicyStatusRequest\x1a\x1a.spendgate.v1.PolicyStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/spendgate.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\tPrincipal\x12\x12\n\ndepartment\x18\x01 \x01(\t\x12\x0c\n\x04team\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x04 \x01(\t\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"7\n\x08Messages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.spendgate.v1.ChatMessage\"\xd9\x02\n\x0c\x43heckRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\tprincipal\x18\x02 \x01(\x0b\x32\x17.spendgate.v1.Principal\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12*\n\x08messages\x18\x05 \x01(\x0b\x32\x16.spendgate.v1.MessagesH\x00\x12\x16\n\x0cinput_tokens\x18\x06 \x01(\x04H\x00\x12\x1e\n\x11max_output_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x36\n\x06labels\x18\x08 \x03(\x0b\x32&.spendgate.v1.CheckRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05inputB\x14\n\x12_max_output_tokens\"\xb0\x01\n\x0c\x42udgetStatus\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0e\n\x06\x62udget\x18\x02 \x01(\t\x12\x0e\n\x06period\x18\x03 \x01(\t\x12\x0e\n\x06window\x18\x04 \x01(\t\x12\x14\n\x0climit_micros\x18\x05 \x01(\x03\x12\x14\n\x0cspent_micros\x18\x06 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x07 \x01(\x03\x12\x0c\n\x04rule\x18\x08 \x01(\t\x12\x0e\n\x06shadow\x18\t \x01(\x08\"\xe9\x03\n\rCheckResponse\x12(\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x16.spendgate.v1.Decision\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0breason_code\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\x12\x16\n\x0ereservation_id\x18\x07 \x01(\t\x12\x1d\n\x15\x65stimated_cost_micros\x18\x08 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\t \x01(\x04\x12\x1e\n\x16input_tokens_estimated\x18\n \x01(\x08\x12\x19\n\x11max_output_tokens\x18\x0b \x01(\r\x12+\n\x07\x62udgets\x18\x0c \x03(\x0b\x32\x1a.spendgate.v1.BudgetStatus\x12\x17\n\x0frequested_model\x18\r \x01(\t\x12\x0e\n\x06shadow\x18\x0e \x01(\x08\x12/\n\x0fshadow_decision\x18\x0f \x01(\x0e\x32\x16.spendgate.v1.Decision\x12\x10\n\x08replayed\x18\x10 \x01(\x08\x12\x1e\n\x16reservation_expires_at\x18\x11 \x01(\x03\x12\x12\n\nunverified\x18\x12 \x01(\x08\"q\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x03 \x01(\x04\x12\x15\n\routput_tokens\x18\x04 \x01(\x04\"q\n\x0e\x43ommitResponse\x12\x13\n\x0b\x63ost_micros\x18\x01 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x02 \x01(\x03\x12\x16\n\x0eoverage_micros\x18\x03 \x01(\x03\x12\x19\n\x11\x61lready_committed\x18\x04 \x01(\x08\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"D\n\x0fReleaseResponse\x12\x17\n\x0freleased_micros\x18\x01 \x01(\x03\x12\x18\n\x10\x61lready_released\x18\x02 \x01(\x08\">\n\x10GetBudgetRequest\x12*\n\tprincipal\x18\x01 \x01(\x0b\x32\x17.spendgate.v1.Principal\"X\n\x11GetBudgetResponse\x12+\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetStatus\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"\x18\n\x16GetPolicyStatusRequest\"g\n\x0eRejectedPolicy\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12/\n\x0brejected_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"\xa7\x02\n\x0cPolicyStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12-\n\tloaded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdirectory\x18\x04 \x01(\t\x12\r\n\x05\x66iles\x18\x05 \x01(\r\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x0f\n\x07reloads\x18\x07 \x01(\x04\x12\x12\n\nrejections\x18\x08 \x01(\x04\x12\x33\n\rlast_rejected\x18\t \x01(\x0b\x32\x1c.spendgate.v1.RejectedPolicy\x12\x33\n\x0flast_checked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*c\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x11\n\rDECISION_DENY\x10\x02\x12\x16\n\x12\x44\x45\x43ISION_DOWNGRADE\x10\x03\x32\xfd\x02\n\tSpendGate\x12@\n\x05\x43heck\x12\x1a.spendgate.v1.CheckRequest\x1a\x1b.spendgate.v1.CheckResponse\x12\x43\n\x06\x43ommit\x12\x1b.spendgate.v1.CommitRequest\x1a\x1c.spendgate.v1.CommitResponse\x12\x46\n\x07Release\x12\x1c.spendgate.v1.ReleaseRequest\x1a\x1d.spendgate.v1.ReleaseResponse\x12L\n\tGetBudget\x12\x1e.spendgate.v1.GetBudgetRequest\x1a\x1f.spendgate.v1.GetBudgetResponse\x12S\n\x0fGetPolicyStatus\x12$.spendgate.v1.GetPolicyStatusRequest\x1a\x1a.spendgate.v1.PolicyStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHECKREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CHECKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=2202
-  _globals['_DECISION']._serialized_end=2301
+  _globals['_DECISION']._serialized_start=2222
+  _globals['_DECISION']._serialized_end=2321
   _globals['_PRINCIPAL']._serialized_start=79
   _globals['_PRINCIPAL']._serialized_end=159
   _globals['_CHATMESSAGE']._serialized_start=161
@@ -49,25 +49,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGETSTATUS']._serialized_start=627
   _globals['_BUDGETSTATUS']._serialized_end=803
   _globals['_CHECKRESPONSE']._serialized_start=806
-  _globals['_CHECKRESPONSE']._serialized_end=1275
-  _globals['_COMMITREQUEST']._serialized_start=1277
-  _globals['_COMMITREQUEST']._serialized_end=1390
-  _globals['_COMMITRESPONSE']._serialized_start=1392
-  _globals['_COMMITRESPONSE']._serialized_end=1505
-  _globals['_RELEASEREQUEST']._serialized_start=1507
-  _globals['_RELEASEREQUEST']._serialized_end=1547
-  _globals['_RELEASERESPONSE']._serialized_start=1549
-  _globals['_RELEASERESPONSE']._serialized_end=1617
-  _globals['_GETBUDGETREQUEST']._serialized_start=1619
-  _globals['_GETBUDGETREQUEST']._serialized_end=1681
-  _globals['_GETBUDGETRESPONSE']._serialized_start=1683
-  _globals['_GETBUDGETRESPONSE']._serialized_end=1771
-  _globals['_GETPOLICYSTATUSREQUEST']._serialized_start=1773
-  _globals['_GETPOLICYSTATUSREQUEST']._serialized_end=1797
-  _globals['_REJECTEDPOLICY']._serialized_start=1799
-  _globals['_REJECTEDPOLICY']._serialized_end=1902
-  _globals['_POLICYSTATUS']._serialized_start=1905
-  _globals['_POLICYSTATUS']._serialized_end=2200
-  _globals['_SPENDGATE']._serialized_start=2304
-  _globals['_SPENDGATE']._serialized_end=2685
+  _globals['_CHECKRESPONSE']._serialized_end=1295
+  _globals['_COMMITREQUEST']._serialized_start=1297
+  _globals['_COMMITREQUEST']._serialized_end=1410
+  _globals['_COMMITRESPONSE']._serialized_start=1412
+  _globals['_COMMITRESPONSE']._serialized_end=1525
+  _globals['_RELEASEREQUEST']._serialized_start=1527
+  _globals['_RELEASEREQUEST']._serialized_end=1567
+  _globals['_RELEASERESPONSE']._serialized_start=1569
+  _globals['_RELEASERESPONSE']._serialized_end=1637
+  _globals['_GETBUDGETREQUEST']._serialized_start=1639
+  _globals['_GETBUDGETREQUEST']._serialized_end=1701
+  _globals['_GETBUDGETRESPONSE']._serialized_start=1703
+  _globals['_GETBUDGETRESPONSE']._serialized_end=1791
+  _globals['_GETPOLICYSTATUSREQUEST']._serialized_start=1793
+  _globals['_GETPOLICYSTATUSREQUEST']._serialized_end=1817
+  _globals['_REJECTEDPOLICY']._serialized_start=1819
+  _globals['_REJECTEDPOLICY']._serialized_end=1922
+  _globals['_POLICYSTATUS']._serialized_start=1925
+  _globals['_POLICYSTATUS']._serialized_end=2220
+  _globals['_SPENDGATE']._serialized_start=2324
+  _globals['_SPENDGATE']._serialized_end=2705
 # @@protoc_insertion_point(module_scope)

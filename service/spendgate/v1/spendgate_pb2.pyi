@@ -99,7 +99,7 @@ class BudgetStatus(_message.Message):
     def __init__(self, scope: _Optional[str] = ..., budget: _Optional[str] = ..., period: _Optional[str] = ..., window: _Optional[str] = ..., limit_micros: _Optional[int] = ..., spent_micros: _Optional[int] = ..., reserved_micros: _Optional[int] = ..., rule: _Optional[str] = ..., shadow: _Optional[bool] = ...) -> None: ...
 
 class CheckResponse(_message.Message):
-    __slots__ = ("decision", "model", "reason_code", "message", "rule", "policy_version", "reservation_id", "estimated_cost_micros", "input_tokens", "input_tokens_estimated", "max_output_tokens", "budgets", "requested_model", "shadow", "shadow_decision", "replayed", "reservation_expires_at")
+    __slots__ = ("decision", "model", "reason_code", "message", "rule", "policy_version", "reservation_id", "estimated_cost_micros", "input_tokens", "input_tokens_estimated", "max_output_tokens", "budgets", "requested_model", "shadow", "shadow_decision", "replayed", "reservation_expires_at", "unverified")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REASON_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class CheckResponse(_message.Message):
     SHADOW_DECISION_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    UNVERIFIED_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     model: str
     reason_code: str
@@ -134,7 +135,8 @@ class CheckResponse(_message.Message):
     shadow_decision: Decision
     replayed: bool
     reservation_expires_at: int
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., model: _Optional[str] = ..., reason_code: _Optional[str] = ..., message: _Optional[str] = ..., rule: _Optional[str] = ..., policy_version: _Optional[str] = ..., reservation_id: _Optional[str] = ..., estimated_cost_micros: _Optional[int] = ..., input_tokens: _Optional[int] = ..., input_tokens_estimated: _Optional[bool] = ..., max_output_tokens: _Optional[int] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., requested_model: _Optional[str] = ..., shadow: _Optional[bool] = ..., shadow_decision: _Optional[_Union[Decision, str]] = ..., replayed: _Optional[bool] = ..., reservation_expires_at: _Optional[int] = ...) -> None: ...
+    unverified: bool
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., model: _Optional[str] = ..., reason_code: _Optional[str] = ..., message: _Optional[str] = ..., rule: _Optional[str] = ..., policy_version: _Optional[str] = ..., reservation_id: _Optional[str] = ..., estimated_cost_micros: _Optional[int] = ..., input_tokens: _Optional[int] = ..., input_tokens_estimated: _Optional[bool] = ..., max_output_tokens: _Optional[int] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., requested_model: _Optional[str] = ..., shadow: _Optional[bool] = ..., shadow_decision: _Optional[_Union[Decision, str]] = ..., replayed: _Optional[bool] = ..., reservation_expires_at: _Optional[int] = ..., unverified: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("reservation_id", "input_tokens", "cached_input_tokens", "output_tokens")
