@@ -1,0 +1,326 @@
+"""The ledger under concurrent Checks: hard budgets stay exact on both databases."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import Engine, text
+
+from conftest import START, PolicyWriter, ServeFactory
+from spendgate import evaluator
+from spendgate.evaluator import Decision, Reason
+from spendgate.ledger import CheckRecord, Ledger, Principal, check_schema, create_engine
+from spendgate.policy import ExpiryAction, Policy, Scope, load_policy
+from spendgate.v1 import spendgate_pb2 as pb
+
+# More threads than the server's 16 workers and the engine's 20 connections,
+# so requests also queue for both.
+THREADS = 48
+LIMIT_MICROS = 1_000_000
+USER_LIMIT_MICROS = 100_000
+
+T = TypeVar("T")
+
+POLICY = {
+    "organization.yaml": """\
+apiVersion: spendgate/v1
+kind: Organization
+name: test-org
+timezone: UTC
+reservation_ttl: 10m
+""",
+    # One micro-USD per input token, so N input tokens reserve N micro-USD.
+    "catalog.yaml": """\
+apiVersion: spendgate/v1
+kind: ModelCatalog
+models:
+  - name: flat-1
+    tokenizer: approximate
+    price_per_million_tokens: {input: 1.00, output: 0}
+    context_window: 2000000
+    max_output_tokens: 1000
+""",
+    "research.yaml": """\
+apiVersion: spendgate/v1
+kind: Department
+name: research
+budgets:
+  - {name: daily, period: day, limit_usd: 1.00}
+  - {name: per-user-daily, period: day, limit_usd: 0.10, per: user}
+""",
+}
+
+
+@pytest.fixture
+def policy_dir(write_policy: PolicyWriter) -> Path:
+    """Write a policy with a $1.00 department budget and $0.10 per user."""
+    return write_policy(POLICY)
+
+
+@pytest.fixture
+def policy(policy_dir: Path) -> Policy:
+    """Load the test policy."""
+    return load_policy(policy_dir)
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    """Open a ledger on SQLite and again on PostgreSQL."""
+    engine = create_engine(ledger_url)
+    yield Ledger(engine)
+    engine.dispose()
+
+
+def check(
+    ledger: Ledger,
+    policy: Policy,
+    request_id: str,
+    micros: int,
+    *,
+    user: str = "",
+    now: datetime = START,
+) -> CheckRecord:
+    """Decide on a flat-1 request of `micros` input tokens, as the server does."""
+    request = evaluator.Request(
+        department="research",
+        model="flat-1",
+        user=user,
+        input_tokens=micros,
+        max_output_tokens=0,
+    )
+    return ledger.check(
+        request_id=request_id,
+        principal=Principal(department="research", user=user),
+        plan=evaluator.plan(policy, request, now),
+        policy_version=policy.version,
+        reservation_ttl=policy.organization.reservation_ttl,
+        labels={},
+        now=now,
+    )
+
+
+def run_together(count: int, work: Callable[[int], T]) -> list[T]:
+    """Run work(0) .. work(count - 1) on `count` threads released at once."""
+    barrier = threading.Barrier(count, timeout=30)
+
+    def start(index: int) -> T:
+        barrier.wait()
+        return work(index)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(start, index) for index in range(count)]
+        return [future.result(timeout=60) for future in futures]
+
+
+def budget_key(policy: Policy, scope: Scope, user: str = "") -> str:
+    """Return the ledger key of the research budget of `scope` at START."""
+    lines = evaluator.budget_lines(policy, "research", "", user, START)
+    assert lines is not None
+    return next(line.key for line in lines if line.scope is scope)
+
+
+def count_rows(engine: Engine, table: str) -> int:
+    """Count the rows of a ledger table."""
+    with engine.connect() as connection:
+        found = connection.execute(text(f"SELECT count(*) FROM {table}")).scalar()
+        connection.rollback()
+    return int(found or 0)
+
+
+def test_concurrent_checks_exact(ledger: Ledger, policy: Policy) -> None:
+    estimate = 30_000
+    department = budget_key(policy, Scope.DEPARTMENT)
+    lines = evaluator.budget_lines(policy, "research", "", "", START) or ()
+    highest_used = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal highest_used
+        while not done.is_set():
+            usage = ledger.read_usage(lines)[department]
+            highest_used = max(highest_used, usage.used_micros)
+            time.sleep(0.002)
+
+    def check_and_commit(index: int) -> Decision:
+        record = check(ledger, policy, f"r{index}", estimate, user=f"user-{index}")
+        if record.decision is Decision.ALLOW:
+            ledger.commit(
+                record.reservation_id,
+                input_tokens=estimate,
+                cached_input_tokens=0,
+                output_tokens=0,
+                now=START,
+            )
+        return record.decision
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        decisions = Counter(run_together(THREADS, check_and_commit))
+    finally:
+        done.set()
+        watcher.join()
+
+    usage = ledger.read_usage(lines)[department]
+    admitted = LIMIT_MICROS // estimate
+    assert decisions[Decision.ALLOW] == admitted
+    assert decisions[Decision.DENY] == THREADS - admitted
+    assert usage.spent_micros == admitted * estimate
+    assert usage.reserved_micros == 0
+    assert highest_used <= LIMIT_MICROS
+    assert count_rows(ledger.engine, "reservations") == admitted
+
+
+def test_concurrent_grpc_checks_exact(
+    serve: ServeFactory, policy_dir: Path, ledger_url: str
+) -> None:
+    gate = serve(policy_dir, ledger_url)
+    estimate = 30_000
+
+    def check_rpc(index: int) -> pb.CheckResponse:
+        request = pb.CheckRequest(
+            request_id=f"r{index}",
+            principal=pb.Principal(department="research", user=f"user-{index}"),
+            model="flat-1",
+            input_tokens=estimate,
+            max_output_tokens=0,
+        )
+        response: pb.CheckResponse = gate.stub.Check(request, timeout=60)
+        return response
+
+    responses = run_together(THREADS, check_rpc)
+
+    admitted = LIMIT_MICROS // estimate
+    allowed = [a for a in responses if a.decision == pb.DECISION_ALLOW]
+    denied = [a for a in responses if a.decision == pb.DECISION_DENY]
+    status = gate.stub.GetBudget(
+        pb.GetBudgetRequest(principal=pb.Principal(department="research"))
+    ).budgets[0]
+    assert len(allowed) == admitted
+    assert len(denied) == THREADS - admitted
+    assert {a.reason_code for a in denied} == {"BUDGET_EXCEEDED"}
+    assert len({a.reservation_id for a in allowed}) == admitted
+    assert status.scope == "department:research"
+    assert status.reserved_micros == admitted * estimate
+    assert status.reserved_micros + status.spent_micros <= status.limit_micros
+
+
+def test_concurrent_new_user_denied(ledger: Ledger, policy: Policy) -> None:
+    estimate = USER_LIMIT_MICROS + 50_000
+
+    records = run_together(
+        THREADS,
+        lambda index: check(ledger, policy, f"r{index}", estimate, user="newcomer"),
+    )
+
+    usage = ledger.read_usage(
+        evaluator.budget_lines(policy, "research", "", "newcomer", START) or ()
+    )
+    user_key = budget_key(policy, Scope.USER, "newcomer")
+    assert {record.decision for record in records} == {Decision.DENY}
+    assert {record.reason for record in records} == {Reason.BUDGET_EXCEEDED}
+    assert {record.rule for record in records} == {
+        "departments/research/budgets/per-user-daily"
+    }
+    assert usage[user_key].reserved_micros == 0
+    assert usage[budget_key(policy, Scope.DEPARTMENT)].reserved_micros == 0
+    assert count_rows(ledger.engine, "reservations") == 0
+    assert count_rows(ledger.engine, "audit_events") == THREADS
+
+
+def test_concurrent_retries_reserve_once(ledger: Ledger, policy: Policy) -> None:
+    request_ids = 8
+    # Eight requests of alice together stay under her $0.10 a day.
+    estimate = 12_000
+
+    records = run_together(
+        THREADS,
+        lambda index: check(
+            ledger, policy, f"r{index % request_ids}", estimate, user="alice"
+        ),
+    )
+
+    by_request: dict[int, list[CheckRecord]] = {}
+    for index, record in enumerate(records):
+        by_request.setdefault(index % request_ids, []).append(record)
+    usage = ledger.read_usage(
+        evaluator.budget_lines(policy, "research", "", "alice", START) or ()
+    )
+    for responses in by_request.values():
+        assert len({record.reservation_id for record in responses}) == 1
+        assert responses[0].reservation_id != ""
+        assert sum(not record.replayed for record in responses) == 1
+    assert {record.decision for record in records} == {Decision.ALLOW}
+    department = usage[budget_key(policy, Scope.DEPARTMENT)]
+    assert department.reserved_micros == request_ids * estimate
+    assert count_rows(ledger.engine, "reservations") == request_ids
+    assert count_rows(ledger.engine, "audit_events") == request_ids
+
+
+@pytest.mark.parametrize(
+    "ledger_url",
+    [
+        pytest.param(
+            "sqlite",
+            id="sqlite",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="SQLite stores an aware non-UTC now as its local wall time "
+                "without the offset and reads it back as UTC",
+            ),
+        ),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ],
+    indirect=True,
+)
+def test_check_non_utc_now(ledger: Ledger, policy: Policy) -> None:
+    now = datetime(2040, 6, 12, 21, 0, tzinfo=ZoneInfo("Asia/Tokyo"))
+    first = check(ledger, policy, "r", 30_000, now=now)
+    expired_at = (now + timedelta(minutes=10, seconds=1)).astimezone(UTC)
+
+    replay = check(ledger, policy, "r", 30_000, now=now)
+    settled = ledger.expire(ExpiryAction.RELEASE, now=expired_at)
+
+    assert replay.replayed is True
+    assert replay.expires_at == first.expires_at
+    assert settled == 1
+
+
+@pytest.mark.postgres
+def test_migrate_postgres_schema(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    try:
+        revision = check_schema(engine)
+        with engine.connect() as connection:
+            schema = connection.execute(text("SELECT current_schema()")).scalar_one()
+            tables = set(
+                connection.execute(
+                    text(
+                        "SELECT table_name FROM information_schema.tables"
+                        " WHERE table_schema = :schema"
+                    ),
+                    {"schema": schema},
+                ).scalars()
+            )
+            connection.rollback()
+    finally:
+        engine.dispose()
+
+    assert revision != ""
+    assert schema.startswith("sg_")
+    assert {
+        "alembic_version",
+        "audit_events",
+        "budget_usage",
+        "reservation_budgets",
+        "reservations",
+    } <= tables
