@@ -25,6 +25,7 @@ serve: migrate
 
 test: install
 	$(BIN)/spendgate validate policies
+	$(BIN)/spendgate test policies
 	$(BIN)/pytest
 
 lint: install

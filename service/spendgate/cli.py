@@ -560,5 +560,11 @@ def budgets(
         click.echo("the policy defines no budgets", err=True)
 
 
+from spendgate.cli_policy import explain_command, test_command  # noqa: E402
+
+main.add_command(test_command)
+main.add_command(explain_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
