@@ -387,7 +387,9 @@ def _parse_time_option(
 @main.command()
 @database_option
 @click.option(
-    "--department", default=None, help="Only events of this department, any case."
+    "--department",
+    default=None,
+    help="Only events of this department, matched ignoring case.",
 )
 @click.option(
     "--decision",
@@ -412,7 +414,7 @@ def _parse_time_option(
     "--until",
     callback=_parse_time_option,
     metavar="TIME",
-    help="Only events before TIME, in the same forms; a date alone includes "
+    help="Only events before TIME, in the same forms. A date alone includes "
     "that whole day.",
 )
 @click.option(
@@ -442,9 +444,11 @@ def audit(
 ) -> None:
     """Print audit log events oldest first, so the newest come last.
 
-    Money is exact: the table shows USD to the micro-USD, json and csv give
-    integer micro-USD beside a USD decimal string. Exit 1 when the database
-    cannot be read.
+    Times are UTC. Money is exact: the table shows USD to the micro-USD, json
+    and csv give integer micro-USD beside a USD decimal string. In csv, a
+    text cell that starts with =, +, - or @ gets a leading apostrophe, so
+    spreadsheets do not run it as a formula. Exit 1 when the database cannot
+    be read.
     """
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -467,25 +471,29 @@ def audit(
     )
     try:
         engine = reports.open_ledger(database)
-        selection = reports.read_audit(engine, audit_filter, limit=limit or None)
-        printed = 0
-        for line in reports.render_audit(selection.events, output_format):
-            click.echo(line)
-            printed += 1
     except SpendgateError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
+    printed = 0
+    try:
+        selection = reports.read_audit(engine, audit_filter, limit=limit or None)
+        for line in reports.render_audit(selection.events, output_format):
+            click.echo(line)
+            printed += 1
     except SQLAlchemyError as error:
-        click.echo(f"error: reading the audit log failed: {error}", err=True)
+        reason = str(error).splitlines()[0]
+        click.echo(f"error: reading the audit log failed: {reason}", err=True)
         sys.exit(1)
-    engine.dispose()
+    finally:
+        engine.dispose()
     # csv prints its header line even when no event matches.
     header_lines = 1 if output_format == "csv" else 0
     if printed == header_lines:
         click.echo("no audit events match", err=True)
     if selection.truncated:
+        noun = "event" if limit == 1 else "events"
         click.echo(
-            f"showing the newest {limit} matching events; "
+            f"showing the newest {limit} matching {noun}; "
             "pass --limit 0 for all, or narrow with --since",
             err=True,
         )
@@ -538,22 +546,25 @@ def budgets(
     ):
         known = ", ".join(sorted(policy.departments))
         raise click.BadParameter(
-            f"department {department!r} is not defined in {policy_dir}; "
-            f"use one of: {known}",
+            f"department {department!r} is not defined in {policy_dir}. "
+            f"Use one of: {known}",
             param_hint="--department",
         )
     try:
         engine = reports.open_ledger(database)
-        statuses = reports.read_budgets(
-            engine, policy, datetime.now(UTC), department=department
-        )
     except SpendgateError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(1)
+    try:
+        statuses = reports.read_budgets(
+            engine, policy, datetime.now(UTC), department=department
+        )
     except SQLAlchemyError as error:
-        click.echo(f"error: reading the budgets failed: {error}", err=True)
+        reason = str(error).splitlines()[0]
+        click.echo(f"error: reading the budgets failed: {reason}", err=True)
         sys.exit(1)
-    engine.dispose()
+    finally:
+        engine.dispose()
     for line in reports.render_budgets(statuses, output_format):
         click.echo(line)
     if not statuses:
