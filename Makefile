@@ -41,5 +41,8 @@ proto: install
 		--python_out=service --pyi_out=service --grpc_python_out=service \
 		proto/spendgate/v1/spendgate.proto
 
+bench: install
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

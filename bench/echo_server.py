@@ -1,0 +1,73 @@
+"""The benchmark floor: an echo service on the server stack `spendgate serve` uses.
+
+It runs as its own process, like `spendgate serve`, on a grpcio thread-pool
+server with the same worker count and message size options, so the
+difference between the two is what spendgate does with a request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from concurrent import futures
+from types import FrameType
+from typing import Any
+
+import grpc
+
+import _stubs
+from spendgate.server import MAX_MESSAGE_BYTES
+
+echo_pb2, echo_pb2_grpc = _stubs.load()
+
+
+class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc,name-defined]
+    """Return reply_size bytes taken from the start of the payload."""
+
+    def Echo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        size = request.reply_size
+        data = request.payload[:size]
+        if len(data) < size:
+            data += bytes(size - len(data))
+        return echo_pb2.EchoReply(payload=data)
+
+
+def main() -> None:
+    """Serve Echo until SIGTERM or SIGINT, after printing the bound port as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--address", default="127.0.0.1:0", help="HOST:PORT.")
+    parser.add_argument("--workers", type=int, default=16, help="Worker threads.")
+    args = parser.parse_args()
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=args.workers, thread_name_prefix="echo-rpc"
+        ),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(), server)
+    port = server.add_insecure_port(args.address)
+    if port == 0:
+        sys.exit(f"error: cannot listen on {args.address}")
+    server.start()
+    print(json.dumps({"event": "server_started", "port": port}), flush=True)
+
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    server.stop(1).wait()
+
+
+if __name__ == "__main__":
+    main()
