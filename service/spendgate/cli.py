@@ -85,6 +85,20 @@ def main(log_level: str, log_json: bool | None) -> None:
     help="Seconds between checks of the policy directory; 0 turns the poll off.",
 )
 @click.option(
+    "--sweep-interval",
+    default=15.0,
+    show_default=True,
+    type=click.FloatRange(0.05),
+    help="Seconds between sweeps settling expired reservations.",
+)
+@click.option(
+    "--health-interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.05),
+    help="Seconds between database pings that drive the health status.",
+)
+@click.option(
     "--spool",
     default="var/spool/unverified-audit.jsonl",
     show_default=True,
@@ -106,6 +120,8 @@ def serve(
     workers: int,
     watch: bool,
     poll_interval: float,
+    sweep_interval: float,
+    health_interval: float,
     spool: Path,
     grace: float,
 ) -> None:
@@ -141,6 +157,8 @@ def serve(
         max_workers=workers,
         reloader=reloader,
         spool=AuditSpool(spool),
+        sweep_interval=sweep_interval,
+        health_interval=health_interval,
     )
     reloader.start()
     install_sighup(reloader)

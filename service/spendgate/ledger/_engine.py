@@ -25,7 +25,18 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[3] / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 POSTGRES_CONNECT_TIMEOUT_S = 3
 POSTGRES_STATEMENT_TIMEOUT_MS = 5_000
+POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS = 5_000
 POOL_TIMEOUT_S = 5
+# libpq settings: TCP keepalives and a send timeout make a connection to a
+# server that vanished without a reset fail within seconds, not hang.
+_POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": POSTGRES_CONNECT_TIMEOUT_S,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
 
 
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
@@ -59,7 +70,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engin
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=POOL_TIMEOUT_S,
-        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        connect_args=_POSTGRES_CONNECT_ARGS
         if parsed.get_backend_name() == "postgresql"
         else {},
     )
@@ -74,6 +85,13 @@ def _configure_postgres(engine: Engine) -> None:
         # A lock wait or a hung server fails the request instead of hanging it.
         cursor = connection.cursor()
         cursor.execute(f"SET statement_timeout = {POSTGRES_STATEMENT_TIMEOUT_MS}")
+        # A replica cut off mid-transaction would otherwise hold its budget row
+        # locks until the server notices the dead connection; no transaction of
+        # ours sits idle this long.
+        cursor.execute(
+            "SET idle_in_transaction_session_timeout = "
+            f"{POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_MS}"
+        )
         cursor.close()
         connection.commit()
 

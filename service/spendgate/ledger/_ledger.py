@@ -511,6 +511,15 @@ class Ledger:
         usage_ids = select(reservation_budgets.c.usage_id).where(
             reservation_budgets.c.reservation_id == reservation_id
         )
+        if self._lock_rows:
+            # Lock in budget_key order, the order Check locks in; an UPDATE
+            # alone locks in physical order, and the two orders deadlock.
+            connection.execute(
+                select(budget_usage.c.id)
+                .where(budget_usage.c.id.in_(usage_ids))
+                .order_by(budget_usage.c.budget_key)
+                .with_for_update()
+            ).all()
         connection.execute(
             update(budget_usage)
             .where(budget_usage.c.id.in_(usage_ids))
