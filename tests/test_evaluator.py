@@ -1101,11 +1101,6 @@ def test_decide_shadow_budget(
     assert [line.key for line in outcome.budgets] == [PACED_MONTHLY, PACE]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the loader keeps max_output_tokens written as 1000.0 as a Decimal, "
-    "and ceil_div on Decimals truncates, so the estimate rounds down",
-)
 def test_plan_estimate_fraction_written(tmp_path: Path) -> None:
     directory = write_policy(
         tmp_path, organization=ORGANIZATION, odd_max_output="1000.0"

@@ -272,11 +272,6 @@ def test_concurrent_retries_reserve_once(ledger: Ledger, policy: Policy) -> None
         pytest.param(
             "sqlite",
             id="sqlite",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="SQLite stores an aware non-UTC now as its local wall time "
-                "without the offset and reads it back as UTC",
-            ),
         ),
         pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
     ],

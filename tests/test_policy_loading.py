@@ -392,11 +392,6 @@ CYCLE = "  big: small\n  small: big\n"
                 )
             ],
             id="downgrade-unknown-source",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="_Compiler._chains reports an unknown downgrade source at "
-                "its value (column 8), not at the key that names it (column 3)",
-            ),
         ),
         pytest.param(
             {ENG: edit(DEPARTMENT, "  big: small\n", CYCLE)},
@@ -888,12 +883,6 @@ def test_read_policy_chains_follow(tmp_path: Path) -> None:
     assert dict(chains) == {"legacy": ("big", "small"), "big": ("small",)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Compiler._organization checks unknown_department without "
-    "failed_kinds, so a Department that failed its schema check also "
-    "gets a follow-on error in organization.yaml",
-)
 def test_read_policy_no_follow_on_error(tmp_path: Path) -> None:
     directory = write_policy(
         tmp_path,
@@ -910,12 +899,6 @@ def test_read_policy_no_follow_on_error(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Compiler._chains reports a cycle under the canonical name, so a "
-    "source key written as an alias gets a key path that is not in the "
-    "file and the location of the downgrades mapping",
-)
 def test_read_policy_cycle_alias_key(tmp_path: Path) -> None:
     department = edit(DEPARTMENT, "  big: small\n", "  big-2025: small\n  small: big\n")
     directory = write_policy(tmp_path, {ENG: department})
@@ -927,12 +910,6 @@ def test_read_policy_cycle_alias_key(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Compiler._add_models and _limits keep a whole token count "
-    "written as 16384.0 as a Decimal, and ceil_div on Decimals rounds "
-    "estimates down",
-)
 def test_read_policy_token_count_int(tmp_path: Path) -> None:
     catalog = edit(CATALOG, "tokens: 16384", "tokens: 16384.0")
     department = edit(DEPARTMENT, "tokens: 4096", "tokens: 4096.0")

@@ -485,12 +485,6 @@ def test_commit_retry_counts_once(ledger_gate: Gate) -> None:
     assert [row.event for row in ledger_gate.audit_rows("r")] == ["check", "commit"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Ledger.commit returns already_committed=true to a retry with other "
-    "usage, which the proto defines as a retry with the same usage, so the "
-    "new usage is silently dropped",
-)
 def test_commit_retry_other_usage(gate: Gate) -> None:
     decided = gate.stub.Check(check_request("r", 40_000))
     gate.stub.Commit(

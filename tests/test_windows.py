@@ -281,11 +281,6 @@ def test_window_key_rejects_naive() -> None:
         window_key(Period.DAY, naive, NEW_YORK)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="window_end has no tzinfo check, so astimezone() reads a naive "
-    "datetime as the machine's local time instead of rejecting it",
-)
 def test_window_end_rejects_naive() -> None:
     naive = datetime(2026, 12, 4, 12, 0)
 

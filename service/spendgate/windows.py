@@ -38,6 +38,8 @@ def window_key(period: Period, at: datetime, timezone: ZoneInfo) -> str:
 
 def window_end(period: Period, at: datetime, timezone: ZoneInfo) -> datetime:
     """Return the UTC instant at which the window containing `at` ends."""
+    if at.tzinfo is None:
+        raise ValueError("window_end needs a timezone-aware datetime")
     local = at.astimezone(timezone)
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
     if period is Period.DAY:

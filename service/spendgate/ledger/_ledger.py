@@ -115,7 +115,7 @@ class Ledger:
         A request_id seen before returns the stored decision and reserves
         nothing, even when two retries race.
         """
-        now = now or datetime.now(UTC)
+        now = _utc(now)
         with self.engine.connect() as connection:
             try:
                 with connection.begin():
@@ -360,11 +360,21 @@ class Ledger:
         Commit of a released reservation raises ConflictError. A Commit after
         expiry still records the spend and corrects what expiry charged.
         """
-        now = now or datetime.now(UTC)
+        now = _utc(now)
         with self.engine.begin() as connection:
             row = self._reservation(connection, reservation_id)
             if row.state == "committed":
-                return CommitRecord(row.actual_micros, row.estimated_micros, 0, True)
+                usage = (row.input_tokens, row.cached_input_tokens, row.output_tokens)
+                reported = (input_tokens, cached_input_tokens, output_tokens)
+                if usage != reported:
+                    raise ConflictError(
+                        f"reservation {reservation_id} was already committed with "
+                        f"input/cached/output tokens {usage}, not {reported}"
+                    )
+                overage = max(0, row.actual_micros - row.estimated_micros)
+                return CommitRecord(
+                    row.actual_micros, row.estimated_micros, overage, True
+                )
             if row.state == "released":
                 raise ConflictError(
                     f"reservation {reservation_id} was released; it cannot be committed"
@@ -411,7 +421,7 @@ class Ledger:
         Releasing an expired reservation refunds what expiry charged, because
         the application reports that the model call did not happen.
         """
-        now = now or datetime.now(UTC)
+        now = _utc(now)
         with self.engine.begin() as connection:
             row = self._reservation(connection, reservation_id)
             if row.state == "released":
@@ -439,7 +449,7 @@ class Ledger:
         Each reservation is settled in its own transaction by a conditional
         update on its state, so replicas sweeping at once never settle one twice.
         """
-        now = now or datetime.now(UTC)
+        now = _utc(now)
         with self.engine.connect() as connection:
             expired_ids = (
                 connection.execute(
@@ -661,6 +671,19 @@ def _record(
         expires_at=expires_at,
         usage=usage,
     )
+
+
+def _utc(now: datetime | None) -> datetime:
+    """Return `now` in UTC, or the current time.
+
+    SQLite keeps a datetime's wall time without its offset, so every time
+    written to the ledger is converted to UTC first.
+    """
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("the ledger needs timezone-aware datetimes")
+    return now.astimezone(UTC)
 
 
 def _aware(value: datetime | None) -> datetime | None:

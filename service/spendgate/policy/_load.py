@@ -211,7 +211,9 @@ class _Compiler:
             ttl = timedelta(seconds=int(text[:-1]) * _DURATION_UNITS[text[-1]])
 
         fallback = data.get("unknown_department", "deny")
-        if fallback != "deny" and fallback not in departments:
+        # A Department that failed its own checks is reported there already.
+        department_failed = "Department" in self.failed_kinds
+        if fallback != "deny" and fallback not in departments and not department_failed:
             hint = suggest(fallback, tuple(departments))
             self.errors.append(
                 document.problem(
@@ -264,8 +266,9 @@ class _Compiler:
                     Decimal(prices.get("cached_input", prices["input"]))
                 ),
                 output_price_micros=usd_to_micros(Decimal(prices["output"])),
-                context_window=entry["context_window"],
-                max_output_tokens=entry["max_output_tokens"],
+                # int(): YAML may write a whole count as 16384.0.
+                context_window=int(entry["context_window"]),
+                max_output_tokens=int(entry["max_output_tokens"]),
             )
             self.names[name] = name
             for alias_index, alias in enumerate(entry.get("aliases", ())):
@@ -280,14 +283,22 @@ class _Compiler:
                     self.names[alias] = name
 
     def _resolve(
-        self, document: Document, path: PathKey, name: str, check: bool
+        self,
+        document: Document,
+        path: PathKey,
+        name: str,
+        check: bool,
+        *,
+        at_key: bool = False,
     ) -> str | None:
         canonical = self.names.get(name.lower())
         if canonical is None and check:
             hint = suggest(name, tuple(self.names))
             self.errors.append(
                 document.problem(
-                    path, f"unknown model {name!r}; it is not in the catalog{hint}"
+                    path,
+                    f"unknown model {name!r}; it is not in the catalog{hint}",
+                    at_key=at_key,
                 )
             )
         return canonical
@@ -471,8 +482,12 @@ class _Compiler:
         self, document: Document, downgrades: dict[str, str], check: bool
     ) -> dict[str, tuple[str, ...]]:
         edges: dict[str, str] = {}
+        # The key as the file writes it, which may be an alias, for error paths.
+        written: dict[str, str] = {}
         for source, target in downgrades.items():
-            source_name = self._resolve(document, ("downgrades", source), source, check)
+            source_name = self._resolve(
+                document, ("downgrades", source), source, check, at_key=True
+            )
             target_name = self._resolve(document, ("downgrades", source), target, check)
             if source_name is None or target_name is None:
                 continue
@@ -486,6 +501,7 @@ class _Compiler:
                 )
                 continue
             edges[source_name] = target_name
+            written[source_name] = source
 
         chains: dict[str, tuple[str, ...]] = {}
         reported: set[frozenset[str]] = set()
@@ -502,7 +518,7 @@ class _Compiler:
                         cycle = " -> ".join([start, *chain, current])
                         self.errors.append(
                             document.problem(
-                                ("downgrades", start),
+                                ("downgrades", written[start]),
                                 f"downgrade cycle: {cycle}",
                                 at_key=True,
                             )
@@ -516,9 +532,11 @@ class _Compiler:
 
 def _limits(data: Mapping[str, Any]) -> Limits:
     cap = data.get("max_request_usd")
+    max_input = data.get("max_input_tokens")
+    max_output = data.get("max_output_tokens")
     return Limits(
-        max_input_tokens=data.get("max_input_tokens"),
-        max_output_tokens=data.get("max_output_tokens"),
+        max_input_tokens=None if max_input is None else int(max_input),
+        max_output_tokens=None if max_output is None else int(max_output),
         max_request_micros=None if cap is None else usd_to_micros(Decimal(cap)),
     )
 
