@@ -99,6 +99,14 @@ def main(log_level: str, log_json: bool | None) -> None:
     help="Seconds between database pings that drive the health status.",
 )
 @click.option(
+    "--sqlite-synchronous",
+    type=click.Choice(["normal", "full"]),
+    default="normal",
+    show_default=True,
+    help="SQLite durability: normal survives a process crash, full also a power "
+    "loss at about 4 ms more per write.",
+)
+@click.option(
     "--spool",
     default="var/spool/unverified-audit.jsonl",
     show_default=True,
@@ -122,6 +130,7 @@ def serve(
     poll_interval: float,
     sweep_interval: float,
     health_interval: float,
+    sqlite_synchronous: str,
     spool: Path,
     grace: float,
 ) -> None:
@@ -139,7 +148,9 @@ def serve(
         click.echo(str(error), err=True)
         sys.exit(EXIT_INVALID_POLICY)
     tokens.preload()
-    engine = ledger.create_engine(database, pool_size=workers)
+    engine = ledger.create_engine(
+        database, pool_size=workers, sqlite_synchronous=sqlite_synchronous
+    )
     try:
         revision = ledger.check_schema(engine)
     except SchemaOutdatedError as error:

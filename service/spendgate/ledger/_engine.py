@@ -39,13 +39,28 @@ _POSTGRES_CONNECT_ARGS = {
 }
 
 
-def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    echo: bool = False,
+    sqlite_synchronous: str = "normal",
+) -> Engine:
     """Create an engine tuned for short write transactions on SQLite or PostgreSQL.
 
     SQLite transactions start with BEGIN IMMEDIATE, so a transaction takes
     the write lock before it reads a budget and two writers never both read
     the old value. PostgreSQL uses row locks (SELECT ... FOR UPDATE) instead.
+
+    `sqlite_synchronous` is SQLite's synchronous setting in WAL mode: "normal"
+    survives a crash of the process (SIGKILL included) but a power loss may
+    drop the last transactions; "full" syncs every commit to disk, which cost
+    about 4.5 ms a Check on the benchmark machine (docs/benchmarks.md).
     """
+    if sqlite_synchronous not in ("normal", "full"):
+        raise ValueError(
+            f'sqlite_synchronous must be "normal" or "full", got {sqlite_synchronous!r}'
+        )
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
@@ -61,7 +76,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engin
                 "check_same_thread": False,
             },
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, sqlite_synchronous.upper())
         return engine
     engine = sqlalchemy_create_engine(
         parsed,
@@ -96,7 +111,7 @@ def _configure_postgres(engine: Engine) -> None:
         connection.commit()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(connection: Any, _record: Any) -> None:
         # Hand transaction control to the "begin" hook below.
@@ -104,8 +119,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        # FULL syncs the WAL on every commit, so a power loss loses no decision.
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, and_, func, select, update
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
@@ -95,9 +95,78 @@ class Ledger:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         dialect = engine.dialect.name
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         # SQLite's write lock covers the whole database; FOR UPDATE is for PostgreSQL.
         self._lock_rows = dialect == "postgresql"
+        # Statements on the Check path are built once: building and cache-keying
+        # a statement per call cost more than running it on SQLite.
+        self._create_rows = insert(budget_usage).on_conflict_do_nothing(
+            index_elements=["budget_key"]
+        )
+        read_rows = (
+            select(
+                budget_usage.c.budget_key,
+                budget_usage.c.id,
+                budget_usage.c.spent_micros,
+                budget_usage.c.reserved_micros,
+            )
+            .where(budget_usage.c.budget_key.in_(bindparam("keys", expanding=True)))
+            .order_by(budget_usage.c.budget_key)
+        )
+        self._read_rows = read_rows
+        self._lock_rows_query = (
+            read_rows.with_for_update() if self._lock_rows else read_rows
+        )
+        self._reserve = (
+            update(budget_usage)
+            .where(budget_usage.c.id.in_(bindparam("ids", expanding=True)))
+            .values(
+                reserved_micros=budget_usage.c.reserved_micros + bindparam("amount"),
+                updated_at=bindparam("now"),
+            )
+        )
+        self._insert_reservation = reservations.insert()
+        by_id = reservations.c.id == bindparam("p_id")
+        find = select(reservations).where(by_id)
+        self._find_reservation = find.with_for_update() if self._lock_rows else find
+        self._mark_committed = (
+            update(reservations)
+            .where(by_id)
+            .values(
+                state="committed",
+                actual_micros=bindparam("p_cost"),
+                input_tokens=bindparam("p_input"),
+                cached_input_tokens=bindparam("p_cached"),
+                output_tokens=bindparam("p_output"),
+                settled_at=bindparam("p_now"),
+            )
+        )
+        self._mark_released = (
+            update(reservations)
+            .where(by_id)
+            .values(state="released", charged_micros=0, settled_at=bindparam("p_now"))
+        )
+        linked = select(reservation_budgets.c.usage_id).where(
+            reservation_budgets.c.reservation_id == bindparam("p_id")
+        )
+        self._lock_linked = (
+            select(budget_usage.c.id)
+            .where(budget_usage.c.id.in_(linked))
+            .order_by(budget_usage.c.budget_key)
+            .with_for_update()
+        )
+        self._settle = (
+            update(budget_usage)
+            .where(budget_usage.c.id.in_(linked))
+            .values(
+                reserved_micros=budget_usage.c.reserved_micros
+                + bindparam("p_reserved"),
+                spent_micros=budget_usage.c.spent_micros + bindparam("p_spent"),
+                updated_at=bindparam("p_now"),
+            )
+        )
+        self._insert_links = reservation_budgets.insert()
+        self._insert_audit = audit_events.insert()
 
     def check(
         self,
@@ -118,10 +187,9 @@ class Ledger:
         now = _utc(now)
         with self.engine.connect() as connection:
             try:
+                # No lookup first: a retried request_id is rare, and the unique
+                # request_id columns reject its second reservation and audit row.
                 with connection.begin():
-                    stored = self._find_check(connection, request_id, plan.budgets)
-                    if stored is not None:
-                        return stored
                     return self._check(
                         connection,
                         request_id=request_id,
@@ -133,7 +201,7 @@ class Ledger:
                         now=now,
                     )
             except IntegrityError:
-                # A concurrent retry with the same request_id committed first.
+                # A retry, or a concurrent twin, of a request_id already decided.
                 with connection.begin():
                     stored = self._find_check(connection, request_id, plan.budgets)
                 if stored is None:
@@ -171,35 +239,33 @@ class Ledger:
             usage_ids = [rows[line.key].id for line in plan.budgets]
             if usage_ids:
                 connection.execute(
-                    update(budget_usage)
-                    .where(budget_usage.c.id.in_(usage_ids))
-                    .values(
-                        reserved_micros=budget_usage.c.reserved_micros + amount,
-                        updated_at=now,
-                    )
+                    self._reserve, {"ids": usage_ids, "amount": amount, "now": now}
                 )
             connection.execute(
-                reservations.insert().values(
-                    id=reservation_id,
-                    request_id=request_id,
-                    state="open",
-                    department=principal.department,
-                    team=principal.team,
-                    user=principal.user,
-                    application=principal.application,
-                    model=candidate.model.name,
-                    estimated_micros=amount,
-                    input_price_micros=candidate.model.input_price_micros,
-                    cached_input_price_micros=candidate.model.cached_input_price_micros,
-                    output_price_micros=candidate.model.output_price_micros,
-                    policy_version=policy_version,
-                    created_at=now,
-                    expires_at=expires_at,
-                )
+                self._insert_reservation,
+                {
+                    "id": reservation_id,
+                    "request_id": request_id,
+                    "state": "open",
+                    "department": principal.department,
+                    "team": principal.team,
+                    "user": principal.user,
+                    "application": principal.application,
+                    "model": candidate.model.name,
+                    "estimated_micros": amount,
+                    "input_price_micros": candidate.model.input_price_micros,
+                    "cached_input_price_micros": (
+                        candidate.model.cached_input_price_micros
+                    ),
+                    "output_price_micros": candidate.model.output_price_micros,
+                    "policy_version": policy_version,
+                    "created_at": now,
+                    "expires_at": expires_at,
+                },
             )
             if usage_ids:
                 connection.execute(
-                    reservation_budgets.insert(),
+                    self._insert_links,
                     [
                         {"reservation_id": reservation_id, "usage_id": i}
                         for i in usage_ids
@@ -211,7 +277,8 @@ class Ledger:
             }
 
         connection.execute(
-            audit_events.insert().values(
+            self._insert_audit,
+            dict(
                 **_audit_outcome(outcome),
                 occurred_at=now,
                 event="check",
@@ -224,7 +291,7 @@ class Ledger:
                 application=principal.application,
                 policy_version=policy_version,
                 labels=json.dumps(dict(labels), sort_keys=True),
-            )
+            ),
         )
         return _record(outcome, policy_version, reservation_id, expires_at, usage)
 
@@ -246,41 +313,41 @@ class Ledger:
         ordered = sorted(
             {line.key: line for line in lines}.values(), key=lambda line: line.key
         )
-        if create:
-            statement = self._insert(budget_usage).on_conflict_do_nothing(
-                index_elements=["budget_key"]
-            )
-            connection.execute(
-                statement,
-                [
-                    {
-                        "budget_key": line.key,
-                        "rule": line.budget.rule,
-                        "scope": line.scope.value,
-                        "subject": line.subject,
-                        "period": line.budget.period.value,
-                        "window": line.window,
-                        "spent_micros": 0,
-                        "reserved_micros": 0,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for line in ordered
-                ],
-            )
-        query = (
-            select(
-                budget_usage.c.budget_key,
-                budget_usage.c.id,
-                budget_usage.c.spent_micros,
-                budget_usage.c.reserved_micros,
-            )
-            .where(budget_usage.c.budget_key.in_([line.key for line in ordered]))
-            .order_by(budget_usage.c.budget_key)
+        keys = {"keys": [line.key for line in ordered]}
+        if not create:
+            return {
+                row.budget_key: row for row in connection.execute(self._read_rows, keys)
+            }
+        if not self._lock_rows:
+            # SQLite: this transaction holds the database write lock, so rows
+            # read now cannot change; create rows only when some are missing.
+            found = {
+                row.budget_key: row for row in connection.execute(self._read_rows, keys)
+            }
+            if len(found) == len(ordered):
+                return found
+        # Create in key order, then lock in key order: two transactions creating
+        # the same new rows wait on each other in one order, never deadlock.
+        connection.execute(
+            self._create_rows,
+            [
+                {
+                    "budget_key": line.key,
+                    "rule": line.budget.rule,
+                    "scope": line.scope.value,
+                    "subject": line.subject,
+                    "period": line.budget.period.value,
+                    "window": line.window,
+                    "spent_micros": 0,
+                    "reserved_micros": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for line in ordered
+            ],
         )
-        if self._lock_rows and create:
-            query = query.with_for_update()
-        return {row.budget_key: row for row in connection.execute(query)}
+        rows = connection.execute(self._lock_rows_query, keys)
+        return {row.budget_key: row for row in rows}
 
     def _find_check(
         self, connection: Connection, request_id: str, lines: Sequence[BudgetLine]
@@ -390,16 +457,15 @@ class Ledger:
             spent_delta = cost - row.charged_micros
             self._move(connection, reservation_id, -held, spent_delta, now)
             connection.execute(
-                update(reservations)
-                .where(reservations.c.id == reservation_id)
-                .values(
-                    state="committed",
-                    actual_micros=cost,
-                    input_tokens=input_tokens,
-                    cached_input_tokens=cached_input_tokens,
-                    output_tokens=output_tokens,
-                    settled_at=now,
-                )
+                self._mark_committed,
+                {
+                    "p_id": reservation_id,
+                    "p_cost": cost,
+                    "p_input": input_tokens,
+                    "p_cached": cached_input_tokens,
+                    "p_output": output_tokens,
+                    "p_now": now,
+                },
             )
             overage = max(0, cost - row.estimated_micros)
             self._audit_settlement(
@@ -434,9 +500,7 @@ class Ledger:
             held = row.estimated_micros if row.state == "open" else 0
             self._move(connection, reservation_id, -held, -row.charged_micros, now)
             connection.execute(
-                update(reservations)
-                .where(reservations.c.id == reservation_id)
-                .values(state="released", charged_micros=0, settled_at=now)
+                self._mark_released, {"p_id": reservation_id, "p_now": now}
             )
             self._audit_settlement(connection, row, event="release", now=now)
         return ReleaseRecord(row.estimated_micros, False)
@@ -501,10 +565,9 @@ class Ledger:
         return settled
 
     def _reservation(self, connection: Connection, reservation_id: str) -> Row[Any]:
-        query = select(reservations).where(reservations.c.id == reservation_id)
-        if self._lock_rows:
-            query = query.with_for_update()
-        row = connection.execute(query).first()
+        row = connection.execute(
+            self._find_reservation, {"p_id": reservation_id}
+        ).first()
         if row is None:
             raise NotFoundError(f"reservation {reservation_id!r} not found")
         return row
@@ -518,26 +581,18 @@ class Ledger:
         now: datetime,
     ) -> None:
         """Add the deltas to every budget row the reservation holds money on."""
-        usage_ids = select(reservation_budgets.c.usage_id).where(
-            reservation_budgets.c.reservation_id == reservation_id
-        )
         if self._lock_rows:
             # Lock in budget_key order, the order Check locks in; an UPDATE
             # alone locks in physical order, and the two orders deadlock.
-            connection.execute(
-                select(budget_usage.c.id)
-                .where(budget_usage.c.id.in_(usage_ids))
-                .order_by(budget_usage.c.budget_key)
-                .with_for_update()
-            ).all()
+            connection.execute(self._lock_linked, {"p_id": reservation_id}).all()
         connection.execute(
-            update(budget_usage)
-            .where(budget_usage.c.id.in_(usage_ids))
-            .values(
-                reserved_micros=budget_usage.c.reserved_micros + reserved_delta,
-                spent_micros=budget_usage.c.spent_micros + spent_delta,
-                updated_at=now,
-            )
+            self._settle,
+            {
+                "p_id": reservation_id,
+                "p_reserved": reserved_delta,
+                "p_spent": spent_delta,
+                "p_now": now,
+            },
         )
 
     def _audit_settlement(
@@ -553,29 +608,30 @@ class Ledger:
     ) -> None:
         input_tokens, cached, output = tokens if tokens else (None, None, None)
         connection.execute(
-            audit_events.insert().values(
-                occurred_at=now,
-                event=event,
-                request_id=row.request_id,
-                reservation_id=row.id,
-                department=row.department,
-                team=row.team,
-                user=row.user,
-                application=row.application,
-                requested_model=row.model,
-                effective_model=row.model,
-                decision="",
-                reason_code="",
-                rule="",
-                message="",
-                policy_version=row.policy_version,
-                input_tokens=input_tokens,
-                cached_input_tokens=cached,
-                output_tokens=output,
-                estimated_micros=row.estimated_micros,
-                actual_micros=actual_micros,
-                overage_micros=overage_micros,
-            )
+            self._insert_audit,
+            {
+                "occurred_at": now,
+                "event": event,
+                "request_id": row.request_id,
+                "reservation_id": row.id,
+                "department": row.department,
+                "team": row.team,
+                "user": row.user,
+                "application": row.application,
+                "requested_model": row.model,
+                "effective_model": row.model,
+                "decision": "",
+                "reason_code": "",
+                "rule": "",
+                "message": "",
+                "policy_version": row.policy_version,
+                "input_tokens": input_tokens,
+                "cached_input_tokens": cached,
+                "output_tokens": output,
+                "estimated_micros": row.estimated_micros,
+                "actual_micros": actual_micros,
+                "overage_micros": overage_micros,
+            },
         )
 
     def totals(self) -> tuple[int, int]:
