@@ -522,7 +522,23 @@ CYCLE = "  big: small\n  small: big\n"
                     1,
                     13,
                     "apiVersion",
-                    ('unsupported apiVersion "spendgate/v2"', '"spendgate/v1"'),
+                    (
+                        '"spendgate/v2" is newer than this spendgate',
+                        "upgrade spendgate",
+                    ),
+                )
+            ],
+            id="newer-api-version",
+        ),
+        pytest.param(
+            {ENG: edit(DEPARTMENT, "spendgate/v1", "example.com/v1")},
+            [
+                Expected(
+                    ENG,
+                    1,
+                    13,
+                    "apiVersion",
+                    ('unsupported apiVersion "example.com/v1"', '"spendgate/v1"'),
                 )
             ],
             id="unsupported-api-version",

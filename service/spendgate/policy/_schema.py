@@ -446,10 +446,17 @@ def check_document(document: Document) -> list[Problem]:
     if version is None:
         report.error((), "missing required key 'apiVersion'")
     elif version != API_VERSION:
-        report.error(
-            ("apiVersion",),
-            f'unsupported apiVersion {_show(version)}; expected "{API_VERSION}"',
-        )
+        newer = re.fullmatch(r"spendgate/v(\d+)((alpha|beta)\d+)?", str(version))
+        if newer and int(newer.group(1)) > 1:
+            message = (
+                f"apiVersion {_show(version)} is newer than this spendgate, which "
+                f'reads "{API_VERSION}"; upgrade spendgate to load it'
+            )
+        else:
+            message = (
+                f'unsupported apiVersion {_show(version)}; expected "{API_VERSION}"'
+            )
+        report.error(("apiVersion",), message)
     kind = data.get("kind")
     shape = KINDS.get(kind) if isinstance(kind, str) else None
     if kind is None:
