@@ -31,6 +31,45 @@ database_option = click.option(
 )
 
 
+def message_to_json(message: Any) -> dict[str, Any]:
+    """Convert a response to the JSON the other commands print.
+
+    Field names stay snake_case, int64 counts and micro-USD amounts stay
+    integers (protobuf's JSON mapping writes them as strings), and
+    decisions read ALLOW, DENY or DOWNGRADE.
+    """
+    from google.protobuf import json_format
+
+    data = json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+    return _plain(message, data)
+
+
+def _plain(message: Any, data: dict[str, Any]) -> dict[str, Any]:
+    for field in message.DESCRIPTOR.fields:
+        name = field.name
+        if name not in data:
+            continue
+        value = data[name]
+        if field.message_type is not None and isinstance(value, list):
+            data[name] = [
+                _plain(item, entry)
+                for item, entry in zip(getattr(message, name), value, strict=True)
+            ]
+        elif field.message_type is not None and isinstance(value, dict):
+            if field.message_type.GetOptions().map_entry:
+                continue
+            data[name] = _plain(getattr(message, name), value)
+        elif field.cpp_type in (field.CPPTYPE_INT64, field.CPPTYPE_UINT64):
+            data[name] = int(value)
+        elif field.enum_type is not None and isinstance(value, str):
+            data[name] = value.removeprefix("DECISION_")
+    return data
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--log-level",
@@ -161,16 +200,20 @@ def serve(
     reloader = PolicyReloader(
         policy_dir, holder, watch=watch, poll_seconds=poll_interval
     )
-    running = server.create_server(
-        address,
-        holder,
-        ledger.Ledger(engine),
-        max_workers=workers,
-        reloader=reloader,
-        spool=AuditSpool(spool),
-        sweep_interval=sweep_interval,
-        health_interval=health_interval,
-    )
+    try:
+        running = server.create_server(
+            address,
+            holder,
+            ledger.Ledger(engine),
+            max_workers=workers,
+            reloader=reloader,
+            spool=AuditSpool(spool),
+            sweep_interval=sweep_interval,
+            health_interval=health_interval,
+        )
+    except OSError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
     reloader.start()
     install_sighup(reloader)
     log.info(
@@ -217,6 +260,16 @@ def validate(directory: Path, output_format: str) -> None:
         click.echo(f"error: {directory} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
     result = read_policy(directory)
+    if result.policy is not None:
+        # Policy tests beside the policies are checked too, so a broken test
+        # file fails review here and not only when the tests run.
+        from spendgate.policytest import read_tests
+
+        tests = read_tests(directory, result.policy)
+        result.errors += tests.errors
+        result.warnings += tests.warnings
+        if tests.errors:
+            result.policy = None
     problems = [*result.errors, *result.warnings]
     if output_format == "json":
         payload = {
@@ -269,22 +322,9 @@ def schema() -> None:
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1))
 def status(address: str, timeout: float) -> None:
     """Print a running server's policy version and last rejected reload as JSON."""
-    import grpc
-    from google.protobuf import json_format
-
     from spendgate.v1 import spendgate_pb2 as pb
-    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.SpendGateStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            response = stub.GetPolicyStatus(
-                pb.GetPolicyStatusRequest(), timeout=timeout
-            )
-        except grpc.RpcError as error:
-            click.echo(f"error: {error.code().name}: {error.details()}", err=True)
-            sys.exit(1)
-    click.echo(json.dumps(json_format.MessageToDict(response), indent=2))
+    _call(address, "GetPolicyStatus", pb.GetPolicyStatusRequest(), timeout)
 
 
 @main.command()
@@ -335,11 +375,8 @@ def check(
     timeout: float,
 ) -> None:
     """Ask a running server about one model call and print the answer as JSON."""
-    import grpc
-    from google.protobuf import json_format
 
     from spendgate.v1 import spendgate_pb2 as pb
-    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
     given = [
         name
@@ -377,22 +414,7 @@ def check(
         request.input_tokens = input_tokens or 0
     if max_output_tokens is not None:
         request.max_output_tokens = max_output_tokens
-
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.SpendGateStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            response = stub.Check(request, timeout=timeout)
-        except grpc.RpcError as error:
-            click.echo(f"error: {error.code().name}: {error.details()}", err=True)
-            sys.exit(1)
-    click.echo(
-        json.dumps(
-            json_format.MessageToDict(
-                response, always_print_fields_with_no_presence=True
-            ),
-            indent=2,
-        )
-    )
+    _call(address, "Check", request, timeout)
 
 
 def _parse_time_option(
@@ -411,6 +433,71 @@ def _parse_time_option(
         )
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+
+
+def _stub(address: str) -> Any:
+    import grpc
+
+    from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(address)
+    return channel, pb_grpc.SpendGateStub(channel)  # type: ignore[no-untyped-call]
+
+
+def _call(address: str, method: str, request: Any, timeout: float) -> None:
+    """Send one request to a running server and print the response as JSON."""
+    import grpc
+
+    channel, stub = _stub(address)
+    with channel:
+        try:
+            response = getattr(stub, method)(request, timeout=timeout)
+        except grpc.RpcError as error:
+            click.echo(f"error: {error.code().name}: {error.details()}", err=True)
+            sys.exit(1)
+    click.echo(json.dumps(message_to_json(response), indent=2))
+
+
+@main.command()
+@click.option(
+    "--address", default=DEFAULT_ADDRESS, show_default=True, help="Server HOST:PORT."
+)
+@click.argument("reservation_id")
+@click.option("--input-tokens", type=click.IntRange(0), required=True)
+@click.option("--cached-input-tokens", type=click.IntRange(0), default=0)
+@click.option("--output-tokens", type=click.IntRange(0), required=True)
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1))
+def commit(
+    address: str,
+    reservation_id: str,
+    input_tokens: int,
+    cached_input_tokens: int,
+    output_tokens: int,
+    timeout: float,
+) -> None:
+    """Report a model call's real usage for a reservation; prints the cost."""
+    from spendgate.v1 import spendgate_pb2 as pb
+
+    request = pb.CommitRequest(
+        reservation_id=reservation_id,
+        input_tokens=input_tokens,
+        cached_input_tokens=cached_input_tokens,
+        output_tokens=output_tokens,
+    )
+    _call(address, "Commit", request, timeout)
+
+
+@main.command()
+@click.option(
+    "--address", default=DEFAULT_ADDRESS, show_default=True, help="Server HOST:PORT."
+)
+@click.argument("reservation_id")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1))
+def release(address: str, reservation_id: str, timeout: float) -> None:
+    """Free a reservation whose model call failed."""
+    from spendgate.v1 import spendgate_pb2 as pb
+
+    _call(address, "Release", pb.ReleaseRequest(reservation_id=reservation_id), timeout)
 
 
 @main.command()

@@ -487,6 +487,9 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC turns SO_REUSEPORT on by default, which let a second server
+            # start on a busy port and split requests between two ledgers.
+            ("grpc.so_reuseport", 0),
         ],
     )
     servicer = SpendGateServicer(policies, ledger, clock, reloader, spool)
@@ -497,9 +500,12 @@ def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {address}: {error}") from error
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}; is another server using it?")
     monitor = DatabaseMonitor(
         ledger,
         health_servicer,

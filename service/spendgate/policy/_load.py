@@ -74,6 +74,7 @@ def read_policy(directory: Path) -> LoadResult:
     documents: list[Document] = []
     failed_kinds: set[str] = set()
     snapshot: dict[str, bytes] = {}
+    test_files: set[str] = set()
     for path, name in zip(files, result.files, strict=True):
         try:
             snapshot[name] = path.read_bytes()
@@ -82,10 +83,16 @@ def read_policy(directory: Path) -> LoadResult:
             continue
         read, problems = parse_documents(snapshot[name], name)
         result.errors += problems
-        for document in read:
-            kind = (
-                document.data.get("kind") if isinstance(document.data, dict) else None
-            )
+        kinds = [
+            document.data.get("kind") if isinstance(document.data, dict) else None
+            for document in read
+        ]
+        if read and not problems and all(kind in NON_POLICY_KINDS for kind in kinds):
+            # A file of policy tests only does not change any decision, so it
+            # is left out of the version.
+            del snapshot[name]
+            test_files.add(name)
+        for document, kind in zip(read, kinds, strict=True):
             if kind in NON_POLICY_KINDS:
                 continue
             problems = check_document(document)
@@ -103,7 +110,7 @@ def read_policy(directory: Path) -> LoadResult:
         return result
 
     organization, models, names, departments = compiled
-    version, digest = version_of(directory, snapshot)
+    version, digest = version_of(directory, snapshot, test_files)
     result.policy = Policy(
         organization=organization,
         models=MappingProxyType(models),

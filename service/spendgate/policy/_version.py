@@ -10,6 +10,7 @@ import hashlib
 import os
 import subprocess
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import structlog
@@ -56,10 +57,13 @@ def _blob_id(data: bytes) -> str:
     return hashlib.sha1(header + data, usedforsecurity=False).hexdigest()
 
 
-def git_revision(directory: Path, files: Mapping[str, bytes]) -> str | None:
+def git_revision(
+    directory: Path, files: Mapping[str, bytes], ignored: AbstractSet[str] = frozenset()
+) -> str | None:
     """Return "git:<commit>" for the HEAD commit, with "-dirty" when `files` differ.
 
-    `files` maps paths relative to `directory` to the bytes that were read.
+    `files` maps paths relative to `directory` to the bytes that were read;
+    paths in `ignored` (policy test files) are left out of the comparison.
     They are compared with HEAD's tree by git blob id, so the marker describes
     exactly the snapshot, not whatever the work tree holds a moment later.
     Returns None outside a git checkout or when git is missing.
@@ -84,17 +88,19 @@ def git_revision(directory: Path, files: Mapping[str, bytes]) -> str | None:
         is_policy_file = relative.endswith((".yaml", ".yml")) and not any(
             part.startswith(".") for part in relative.split("/")
         )
-        if is_policy_file or relative in files:
+        if (is_policy_file or relative in files) and relative not in ignored:
             committed[relative] = meta.split()[2]
     current = {name: _blob_id(data) for name, data in files.items()}
     dirty = "-dirty" if committed != current else ""
     return f"git:{commit[:SHORT]}{dirty}"
 
 
-def version_of(directory: Path, files: Mapping[str, bytes]) -> tuple[str, str]:
+def version_of(
+    directory: Path, files: Mapping[str, bytes], ignored: AbstractSet[str] = frozenset()
+) -> tuple[str, str]:
     """Return (version, content hash) for a snapshot of a policy directory."""
     digest = content_hash(files)
-    revision = git_revision(directory, files)
+    revision = git_revision(directory, files, ignored)
     version = f"sha256:{digest[:SHORT]}"
     if revision is not None:
         version = f"{revision}/{version}"
