@@ -692,6 +692,10 @@ from spendgate.cli_policy import explain_command, test_command  # noqa: E402
 main.add_command(test_command)
 main.add_command(explain_command)
 
+from spendgate.cli_replay import replay_command  # noqa: E402
+
+main.add_command(replay_command)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
