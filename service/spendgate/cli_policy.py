@@ -253,7 +253,10 @@ def explain_command(
     if output_format == "json":
         click.echo(json.dumps(explanation_json(policy, evaluation), indent=2))
     else:
-        click.echo("\n".join(explanation_text(policy, evaluation, database)))
+        lines = explanation_text(
+            policy, evaluation, database, spend_given=bool(spend_values)
+        )
+        click.echo("\n".join(lines))
 
 
 def _load_policy(directory: Path) -> Policy:
@@ -551,8 +554,20 @@ def trace_lines(evaluation: Evaluation) -> list[str]:
     return lines
 
 
+def _usage_source(database: str | None, spend_given: bool) -> str:
+    if database:
+        return _hide_password(database)
+    if spend_given:
+        return "--spend values"
+    return "none given, so every budget is taken as empty"
+
+
 def explanation_text(
-    policy: Policy, evaluation: Evaluation, database: str | None
+    policy: Policy,
+    evaluation: Evaluation,
+    database: str | None,
+    *,
+    spend_given: bool = True,
 ) -> list[str]:
     """Render every step of one evaluation for `spendgate explain`."""
     request, plan, outcome = evaluation.request, evaluation.plan, evaluation.outcome
@@ -573,7 +588,7 @@ def explanation_text(
             if resolved
             else f"{request.model!r} is not in the catalog"
         ),
-        "usage from: " + (_hide_password(database) if database else "--spend values"),
+        "usage from: " + _usage_source(database, spend_given),
         "budgets:" if plan.budgets else "budgets: none apply",
     ]
     lines += [f"  {_describe_line(evaluation, line)}" for line in plan.budgets]
