@@ -146,6 +146,14 @@ def main(log_level: str, log_json: bool | None) -> None:
     "loss at about 4 ms more per write.",
 )
 @click.option(
+    "--drain-delay",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds to keep serving after SIGTERM turns health NOT_SERVING, before "
+    "the listener closes; set it above the load balancer's health check interval.",
+)
+@click.option(
     "--spool",
     default="var/spool/unverified-audit.jsonl",
     show_default=True,
@@ -170,6 +178,7 @@ def serve(
     sweep_interval: float,
     health_interval: float,
     sqlite_synchronous: str,
+    drain_delay: float,
     spool: Path,
     grace: float,
 ) -> None:
@@ -226,7 +235,7 @@ def serve(
         schema_revision=revision,
         workers=workers,
     )
-    server.serve_forever(running, grace)
+    server.serve_forever(running, grace, drain_delay)
     reloader.stop()
     engine.dispose()
 

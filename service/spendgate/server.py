@@ -455,10 +455,17 @@ class Running:
     sweeper: ExpirySweeper
     monitor: DatabaseMonitor
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, drain in-flight calls for `grace` seconds, then stop."""
+    def stop(self, grace: float = 5.0, drain_delay: float = 0.0) -> None:
+        """Report NOT_SERVING, drain in-flight calls for `grace` seconds, then stop.
+
+        `drain_delay` keeps accepting calls that long after health turns
+        NOT_SERVING, so a load balancer polling health moves traffic away
+        before the listener closes.
+        """
         self.monitor.stop()
         self.health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            time.sleep(drain_delay)
         self.sweeper.stop()
         self.server.stop(grace).wait()
 
@@ -524,7 +531,7 @@ def create_server(
     return Running(server, port, health_servicer, sweeper, monitor)
 
 
-def serve_forever(running: Running, grace: float) -> None:
+def serve_forever(running: Running, grace: float, drain_delay: float = 0.0) -> None:
     """Block until SIGTERM or SIGINT, then shut down gracefully."""
     stopping = threading.Event()
 
@@ -537,5 +544,5 @@ def serve_forever(running: Running, grace: float) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stopping.wait()
-    running.stop(grace)
+    running.stop(grace, drain_delay)
     log.info("shutdown_finished")

@@ -150,10 +150,18 @@ def check_schema(engine: Engine) -> str:
 
     Returns the current revision.
     """
-    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    scripts = ScriptDirectory.from_config(alembic_config())
+    heads = set(scripts.get_heads())
     with engine.connect() as connection:
         current = set(MigrationContext.configure(connection).get_current_heads())
         connection.rollback()
+    known = {revision.revision for revision in scripts.walk_revisions()}
+    unknown = current - known
+    if unknown:
+        raise SchemaOutdatedError(
+            f"database schema is at revision {', '.join(sorted(unknown))}, which is "
+            "newer than this spendgate; run the spendgate release that migrated it"
+        )
     if current != heads:
         have = ", ".join(sorted(current)) or "none"
         want = ", ".join(sorted(heads))
