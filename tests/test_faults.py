@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from functools import partial
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -20,6 +20,7 @@ from spendgate.policy import load_policy
 from spendgate.server import PolicyHolder, Running, create_server
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+from support import wait_for
 from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
@@ -53,16 +54,6 @@ name: faults-corp
 timezone: UTC
 fail_mode: {fail_mode}
 """
-
-
-def wait_for(condition: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {seconds} s waiting for {what}")
 
 
 def through_proxy(url: str, proxy: TcpProxy) -> str:

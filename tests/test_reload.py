@@ -1,4 +1,4 @@
-"""Policy reloads: file edits, symlink swaps, SIGHUP, rejected versions, git versions."""
+"""Policy reloads: file edits, symlink swaps, SIGHUP, rejected versions, git."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from spendgate.reload import PolicyReloader
 from spendgate.server import PolicyHolder, create_server
 from spendgate.v1 import spendgate_pb2 as pb
 from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+from support import wait_for
 
 ORGANIZATION = """\
 apiVersion: spendgate/v1
@@ -60,16 +61,6 @@ def write_tree(directory: Path, limit_usd: str) -> Path:
     (directory / "catalog.yaml").write_text(CATALOG)
     (directory / "eng.yaml").write_text(department(limit_usd))
     return directory
-
-
-def wait_for(condition: Callable[[], bool], what: str, seconds: float = 15.0) -> None:
-    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {seconds} s waiting for {what}")
 
 
 def budget_limit(holder: PolicyHolder) -> int:

@@ -26,6 +26,7 @@ from replica_support import (
 )
 from spendgate.ledger import create_engine, migrate
 from spendgate.v1 import spendgate_pb2 as pb
+from support import wait_for
 
 ALLOW = pb.DECISION_ALLOW
 DENY = pb.DECISION_DENY
@@ -114,16 +115,6 @@ def send_commit(
 ) -> Callable[[Replica], pb.CommitResponse]:
     """Return a function sending `message` as a Commit to the replica it is given."""
     return lambda replica: replica.stub.Commit(message, timeout=10)
-
-
-def wait_for(condition: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
-    """Poll `condition` until it holds, and fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {seconds} s waiting for {what}")
 
 
 @pytest.fixture
