@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -98,6 +100,13 @@ class Ledger:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         # SQLite's write lock covers the whole database; FOR UPDATE is for PostgreSQL.
         self._lock_rows = dialect == "postgresql"
+        # Every SQLite transaction here takes the database write lock. Waiting
+        # for it in SQLite's busy handler means sleeping in steps of up to
+        # 100 ms, so the threads of one process queue on a Python lock, which
+        # wakes the next one at once. Other processes still meet busy_timeout.
+        self._turn: AbstractContextManager[object] = (
+            threading.Lock() if dialect == "sqlite" else nullcontext()
+        )
         # Statements on the Check path are built once: building and cache-keying
         # a statement per call cost more than running it on SQLite.
         self._create_rows = insert(budget_usage).on_conflict_do_nothing(
@@ -185,7 +194,7 @@ class Ledger:
         nothing, even when two retries race.
         """
         now = _utc(now)
-        with self.engine.connect() as connection:
+        with self._turn, self.engine.connect() as connection:
             try:
                 # No lookup first: a retried request_id is rare, and the unique
                 # request_id columns reject its second reservation and audit row.
@@ -386,7 +395,7 @@ class Ledger:
 
     def ping(self) -> None:
         """Run a trivial query; raises SQLAlchemyError when the database is down."""
-        with self.engine.connect() as connection:
+        with self._turn, self.engine.connect() as connection:
             connection.execute(select(1))
             connection.rollback()
 
@@ -405,7 +414,7 @@ class Ledger:
         if connection is not None:
             rows = connection.execute(query).all()
         else:
-            with self.engine.connect() as own:
+            with self._turn, self.engine.connect() as own:
                 rows = own.execute(query).all()
         found = {
             row.budget_key: Usage(row.spent_micros, row.reserved_micros) for row in rows
@@ -428,7 +437,7 @@ class Ledger:
         expiry still records the spend and corrects what expiry charged.
         """
         now = _utc(now)
-        with self.engine.begin() as connection:
+        with self._turn, self.engine.begin() as connection:
             row = self._reservation(connection, reservation_id)
             if row.state == "committed":
                 usage = (row.input_tokens, row.cached_input_tokens, row.output_tokens)
@@ -488,7 +497,7 @@ class Ledger:
         the application reports that the model call did not happen.
         """
         now = _utc(now)
-        with self.engine.begin() as connection:
+        with self._turn, self.engine.begin() as connection:
             row = self._reservation(connection, reservation_id)
             if row.state == "released":
                 return ReleaseRecord(row.estimated_micros, True)
@@ -514,7 +523,7 @@ class Ledger:
         update on its state, so replicas sweeping at once never settle one twice.
         """
         now = _utc(now)
-        with self.engine.connect() as connection:
+        with self._turn, self.engine.connect() as connection:
             expired_ids = (
                 connection.execute(
                     select(reservations.c.id)
@@ -534,7 +543,7 @@ class Ledger:
 
         settled = 0
         for reservation_id in expired_ids:
-            with self.engine.begin() as connection:
+            with self._turn, self.engine.begin() as connection:
                 claimed = connection.execute(
                     update(reservations)
                     .where(
@@ -636,7 +645,7 @@ class Ledger:
 
     def totals(self) -> tuple[int, int]:
         """Return total spent and reserved micro-USD over all rows, for checks."""
-        with self.engine.connect() as connection:
+        with self._turn, self.engine.connect() as connection:
             row = connection.execute(
                 select(
                     func.coalesce(func.sum(budget_usage.c.spent_micros), 0),
