@@ -331,3 +331,34 @@ def test_version_without_git_is_hash(tmp_path: Path) -> None:
 
     assert version.startswith("sha256:")
     assert len(version) == len("sha256:") + 12
+
+
+def test_serve_rejects_invalid_policy_at_start(tmp_path: Path, sqlite_url: str) -> None:
+    directory = write_tree(tmp_path / "policies", "10")
+    (directory / "eng.yaml").write_text(department('"ten"'))
+    (directory / "catalog.yaml").write_text(CATALOG.replace("tokenizer:", "tokeniser:"))
+
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spendgate",
+            "serve",
+            "--address",
+            f"127.0.0.1:{free_port()}",
+            "--policies",
+            str(directory),
+            "--database",
+            sqlite_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert completed.returncode == 3
+    assert "eng.yaml:5:" in completed.stderr
+    assert "limit_usd" in completed.stderr
+    assert "catalog.yaml:" in completed.stderr
+    assert 'did you mean "tokenizer"' in completed.stderr
