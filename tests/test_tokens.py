@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 import tiktoken.load
+
 from spendgate import tokens
 from spendgate.tokens import ChatMessage, TokenCount
 
