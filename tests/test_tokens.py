@@ -411,3 +411,24 @@ def test_tokens_match_tiktoken(
         assert ours.encode_ordinary(text) == theirs.encode_ordinary(text), text[:60]
         count = tokens.count_text(name, text).tokens
         assert count == len(theirs.encode_ordinary(text)), text[:60]
+
+
+def test_count_text_whitespace_run_survives() -> None:
+    # tiktoken overflows its stack on a million-tab run; the count falls back
+    # to pieces instead of failing the request.
+    counted = tokens.count_text("o200k_base", "\t" * 1_000_000)
+
+    assert counted.estimated
+    assert counted.tokens > 0
+
+
+def test_count_text_over_exact_limit_estimated() -> None:
+    phrase = "spendgate counts tokens. "
+    repeats = tokens.EXACT_MAX_CHARS // len(phrase) + 10
+    per_thousand = tokens.count_text("o200k_base", phrase * 1000).tokens
+
+    counted = tokens.count_text("o200k_base", phrase * repeats)
+
+    pieces = len(phrase) * repeats // tokens.CHUNK_CHARS + 1
+    assert counted.estimated
+    assert abs(counted.tokens - per_thousand * repeats / 1000) <= 2 * pieces

@@ -56,6 +56,17 @@ TOKENS_PER_REPLY: Final = 3
 # o200k_base), so caching them would only push the long texts, where a hit
 # saves milliseconds, out of the bounded cache.
 CACHE_MIN_CHARS: Final = 4096
+# Texts up to this length are encoded whole, so their count is exact. Longer
+# ones are encoded in pieces cut at whitespace and flagged as estimated:
+# tiktoken needs about 55 bytes of memory per character of a repetitive text,
+# so one 30 MiB prompt took 1.6 GB. 2 Mi characters is about 500,000 tokens of
+# English, past every context window in the shipped catalog but two.
+EXACT_MAX_CHARS: Final = 2 * 1024 * 1024
+CHUNK_CHARS: Final = 256 * 1024
+# Pieces this small are counted approximately if tiktoken still fails on them.
+MIN_CHUNK_CHARS: Final = 4096
+# Encodings of long texts that may run at once, bounding the memory they take.
+_long_encodings = threading.BoundedSemaphore(2)
 # An entry (key tuple, 32-byte digest, count, OrderedDict link) measured about
 # 240 bytes with tracemalloc on CPython 3.11, so a full cache takes about 1 MB.
 CACHE_MAX_ENTRIES: Final = 4096
@@ -297,19 +308,61 @@ def _text_digest(text: str) -> bytes:
     return hashlib.blake2b(data, digest_size=32).digest()
 
 
-def _count_exact(tokenizer: str, text: str) -> int:
+def _count_exact(tokenizer: str, text: str) -> tuple[int, bool]:
+    """Count with tiktoken; the flag is True when the count is an estimate."""
     encoding = _get_encoding(tokenizer)
     if len(text) < CACHE_MIN_CHARS:
-        return len(encoding.encode_ordinary(text))
+        return _encode_count(encoding, text)
 
     key = (tokenizer, _text_digest(text))
     tokens = _count_cache.get(key)
-    if tokens is None:
-        # Encoding runs outside the cache lock. Two threads that miss on the
-        # same text both encode it and store the same count.
-        tokens = len(encoding.encode_ordinary(text))
+    if tokens is not None:
+        return tokens, False
+    # Encoding runs outside the cache lock. Two threads that miss on the
+    # same text both encode it and store the same count.
+    with _long_encodings:
+        tokens, estimated = _encode_count(encoding, text)
+    if not estimated:
         _count_cache.put(key, tokens)
-    return tokens
+    return tokens, estimated
+
+
+def _encode_count(encoding: tiktoken.Encoding, text: str) -> tuple[int, bool]:
+    if len(text) <= EXACT_MAX_CHARS:
+        try:
+            return len(encoding.encode_ordinary(text)), False
+        except BaseException as error:
+            # tiktoken's Rust code overflows its stack on some million-character
+            # whitespace runs and raises a PanicException, a BaseException.
+            if isinstance(error, KeyboardInterrupt | SystemExit | GeneratorExit):
+                raise
+    return _count_pieces(encoding, text, CHUNK_CHARS), True
+
+
+def _count_pieces(encoding: tiktoken.Encoding, text: str, size: int) -> int:
+    """Count text in pieces of at most `size` characters, cut after whitespace."""
+    total = 0
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            if cut > start + size // 2:
+                end = cut + 1
+        total += _count_piece(encoding, text[start:end])
+        start = end
+    return total
+
+
+def _count_piece(encoding: tiktoken.Encoding, piece: str) -> int:
+    try:
+        return len(encoding.encode_ordinary(piece))
+    except BaseException as error:
+        if isinstance(error, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+    if len(piece) > MIN_CHUNK_CHARS:
+        return _count_pieces(encoding, piece, len(piece) // 2)
+    return _count_approximate(piece, DEFAULT_CHARS_PER_TOKEN)
 
 
 def _validate_chars_per_token(chars_per_token: Decimal | None) -> Decimal:
@@ -357,7 +410,8 @@ def count_text(
 
     if tokenizer == APPROXIMATE:
         return TokenCount(_count_approximate(text, ratio), estimated=True)
-    return TokenCount(_count_exact(tokenizer, text), estimated=False)
+    tokens, estimated = _count_exact(tokenizer, text)
+    return TokenCount(tokens, estimated=estimated)
 
 
 def count_messages(
@@ -383,14 +437,19 @@ def count_messages(
     _check_tokenizer(tokenizer)
     ratio = _validate_chars_per_token(chars_per_token)
 
+    estimated = tokenizer == APPROXIMATE
+
     def count(text: str) -> int:
+        nonlocal estimated
         if tokenizer == APPROXIMATE:
             return _count_approximate(text, ratio)
-        return _count_exact(tokenizer, text)
+        tokens, rough = _count_exact(tokenizer, text)
+        estimated = estimated or rough
+        return tokens
 
     total = TOKENS_PER_REPLY
     for message in messages:
         total += TOKENS_PER_MESSAGE + count(message.role) + count(message.content)
         if message.name:
             total += count(message.name) + TOKENS_PER_NAME
-    return TokenCount(total, estimated=tokenizer == APPROXIMATE)
+    return TokenCount(total, estimated=estimated)
