@@ -426,8 +426,8 @@ def test_count_text_over_exact_limit_estimated() -> None:
     phrase = "spendgate counts tokens. "
     repeats = tokens.EXACT_MAX_CHARS // len(phrase) + 10
     thousand = tokens.count_text("o200k_base", phrase * 1000).tokens
-    per_phrase = tokens.count_text("o200k_base", phrase * 2000).tokens - thousand
-    expected = thousand + (repeats - 1000) * per_phrase
+    next_thousand = tokens.count_text("o200k_base", phrase * 2000).tokens - thousand
+    expected = thousand + (repeats - 1000) * next_thousand / 1000
 
     counted = tokens.count_text("o200k_base", phrase * repeats)
 
