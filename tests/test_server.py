@@ -341,6 +341,19 @@ def _no_messages() -> pb.CheckRequest:
         pytest.param(
             check_request("r", 10**9 + 1), "input_tokens", id="too-many-tokens"
         ),
+        pytest.param(
+            check_request("r", 10, team="t" * 101),
+            "principal.team",
+            id="team-longer-than-column",
+        ),
+        pytest.param(
+            check_request("r", 10, user="a\x00b"),
+            "principal.user",
+            id="nul-in-user",
+        ),
+        pytest.param(
+            check_request("r", 10, model="m" * 129), "model", id="model-too-long"
+        ),
     ],
 )
 def test_check_invalid(gate: Gate, request_: pb.CheckRequest, field: str) -> None:
@@ -886,3 +899,17 @@ def test_prompt_not_stored_or_logged(
     assert marker.encode() not in stored
     assert marker not in repr(logs)
     assert marker not in output.out + output.err
+
+
+def test_check_retry_other_principal(ledger_gate: Gate) -> None:
+    first = ledger_gate.stub.Check(check_request("shared-id", 1_000, user="alice"))
+
+    error_code, details = rpc_error(
+        lambda: ledger_gate.stub.Check(check_request("shared-id", 1_000, user="bob"))
+    )
+
+    assert first.decision == ALLOW
+    assert error_code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "shared-id" in details
+    assert first.reservation_id not in details
+    assert ledger_gate.count("reservations") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -16,7 +17,13 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import (
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import (
+    TimeoutError as PoolTimeoutError,
+)
 
 from spendgate import evaluator, tokens
 from spendgate.background import DatabaseMonitor, ExpirySweeper
@@ -119,7 +126,7 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
                     labels=dict(request.labels),
                     now=now,
                 )
-            except SQLAlchemyError as error:
+            except (OperationalError, InterfaceError, PoolTimeoutError) as error:
                 if policy.organization.fail_mode is not FailMode.OPEN:
                     raise
                 self._database_failed(error)
@@ -228,6 +235,8 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
         ):
             principal = request.principal
             _require(principal.department, "principal.department")
+            _check_text(principal.team, "principal.team")
+            _check_text(principal.user, "principal.user")
             policy = self.policies.current
             lines = evaluator.budget_lines(
                 policy,
@@ -295,7 +304,8 @@ def _rpc(
             method, status=code.name, error=str(error), **_elapsed(started), **fields
         )
         _abort(context, code, str(error))
-    except (DBAPIError, SQLAlchemyError) as error:
+    except (OperationalError, InterfaceError, PoolTimeoutError) as error:
+        # The database is unreachable or too slow: a retry may succeed.
         on_database_error(error)
         log.error(
             method, status="UNAVAILABLE", exc_info=error, **_elapsed(started), **fields
@@ -326,14 +336,34 @@ def _elapsed(started: float) -> dict[str, float]:
     return {"duration_ms": round((time.perf_counter() - started) * 1000, 3)}
 
 
+# Longest accepted value of each text field; each fits its ledger column.
+FIELD_LIMITS = {
+    "request_id": MAX_ID_LENGTH,
+    "reservation_id": 64,
+    "principal.department": MAX_NAME_LENGTH,
+    "principal.team": MAX_NAME_LENGTH,
+    "principal.user": MAX_ID_LENGTH,
+    "principal.application": MAX_ID_LENGTH,
+    "model": 128,
+}
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _require(value: str, field: str) -> None:
     if not value.strip():
         raise RequestError(field, "is required")
-    limit = MAX_ID_LENGTH if field.endswith("id") else MAX_NAME_LENGTH
+    _check_text(value, field)
+
+
+def _check_text(value: str, field: str) -> None:
+    """Reject a value too long for its column or holding control characters."""
+    limit = FIELD_LIMITS[field]
     if len(value) > limit:
         raise RequestError(
             field, f"must be at most {limit} characters, got {len(value)}"
         )
+    if _CONTROL_CHARACTERS.search(value):
+        raise RequestError(field, "must not contain control characters")
 
 
 def _bounded(value: int, field: str) -> None:
@@ -348,12 +378,7 @@ def _parse_check(request: pb.CheckRequest) -> evaluator.Request:
     _require(principal.department, "principal.department")
     _require(request.model, "model")
     for field in ("team", "user", "application"):
-        value = getattr(principal, field)
-        if len(value) > MAX_ID_LENGTH:
-            raise RequestError(
-                f"principal.{field}",
-                f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}",
-            )
+        _check_text(getattr(principal, field), f"principal.{field}")
     if len(request.labels) > MAX_LABELS:
         raise RequestError(
             "labels", f"at most {MAX_LABELS} labels, got {len(request.labels)}"

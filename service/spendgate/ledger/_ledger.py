@@ -212,7 +212,7 @@ class Ledger:
             except IntegrityError:
                 # A retry, or a concurrent twin, of a request_id already decided.
                 with connection.begin():
-                    stored = self._find_check(connection, request_id, plan.budgets)
+                    stored = self._find_check(connection, request_id, plan, principal)
                 if stored is None:
                     raise
                 return stored
@@ -359,8 +359,17 @@ class Ledger:
         return {row.budget_key: row for row in rows}
 
     def _find_check(
-        self, connection: Connection, request_id: str, lines: Sequence[BudgetLine]
+        self,
+        connection: Connection,
+        request_id: str,
+        plan: Plan,
+        principal: Principal,
     ) -> CheckRecord | None:
+        """Return the stored answer to `request_id`, which must be the same request.
+
+        Raises ConflictError when the stored request names another principal
+        or model, because its answer and reservation belong to that request.
+        """
         row = connection.execute(
             select(audit_events, reservations.c.expires_at)
             .select_from(
@@ -372,7 +381,19 @@ class Ledger:
         ).first()
         if row is None:
             return None
-        usage = self.read_usage(lines, connection=connection)
+        stored = (row.department, row.team, row.user, row.application)
+        given = (
+            principal.department,
+            principal.team,
+            principal.user,
+            principal.application,
+        )
+        if stored != given or row.requested_model != plan.requested_model:
+            raise ConflictError(
+                f"request_id {request_id!r} was already used for another principal "
+                "or model; send a new request_id for a new request"
+            )
+        usage = self.read_usage(plan.budgets, connection=connection)
         shadow = row.shadow_decision
         return CheckRecord(
             decision=Decision(row.decision),
@@ -666,8 +687,9 @@ def _audit_outcome(outcome: Outcome) -> dict[str, Any]:
         if outcome.shadow_decision
         else None,
         "reason_code": outcome.reason.value,
-        "rule": outcome.rule,
-        "message": outcome.message,
+        "rule": outcome.rule[:300],
+        # The message quotes names from the request; the column holds 500.
+        "message": outcome.message[:500],
         "input_tokens": candidate.input_tokens if candidate else None,
         "input_tokens_estimated": candidate.input_tokens_estimated
         if candidate
