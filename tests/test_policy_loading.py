@@ -935,3 +935,65 @@ def test_read_policy_token_count_int(tmp_path: Path) -> None:
 
     assert type(policy.models["big"].max_output_tokens) is int
     assert type(policy.departments["eng"].limits.max_output_tokens) is int
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n"
+                for i in range(1, 7)
+            ),
+            "expands to more than",
+            id="alias-bomb",
+        ),
+        pytest.param(
+            "models: &a [*a]\n", "refers to a node that contains it", id="alias-loop"
+        ),
+        pytest.param("x: " + "[" * 3000 + "]" * 3000 + "\n", "nests deeper", id="deep"),
+        pytest.param("name: !!int abc\n", "invalid value 'abc'", id="bad-tag"),
+        pytest.param("x: " + "9" * 5000 + "\n", "invalid value", id="huge-integer"),
+    ],
+)
+def test_hostile_yaml_reported(tmp_path: Path, text: str, message: str) -> None:
+    directory = write_policy(tmp_path, {"hostile.yaml": text})
+
+    result = read_policy(directory)
+
+    assert result.policy is None
+    assert any(
+        problem.file == "hostile.yaml" and message in problem.message
+        for problem in result.errors
+    ), [str(problem) for problem in result.errors]
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "path"),
+    [
+        pytest.param(
+            ENG, "limit_usd: 100", "limit_usd: 10000000000000", "limit_usd", id="usd"
+        ),
+        pytest.param(
+            "catalog.yaml",
+            "context_window: 16385",
+            "context_window: 10000000000",
+            "context_window",
+            id="tokens",
+        ),
+    ],
+)
+def test_values_beyond_ledger_rejected(
+    tmp_path: Path, name: str, old: str, new: str, path: str
+) -> None:
+    base = DEPARTMENT if name == ENG else CATALOG
+    directory = write_policy(tmp_path, {name: edit(base, old, new)})
+
+    result = read_policy(directory)
+
+    assert result.policy is None
+    assert any(
+        problem.path.endswith(path) and "must be at most" in problem.message
+        for problem in result.errors
+    ), [str(problem) for problem in result.errors]

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -362,3 +363,43 @@ def test_serve_rejects_invalid_policy_at_start(tmp_path: Path, sqlite_url: str) 
     assert "limit_usd" in completed.stderr
     assert "catalog.yaml:" in completed.stderr
     assert 'did you mean "tokenizer"' in completed.stderr
+
+
+def test_half_written_file_not_loaded(
+    tmp_path: Path, reloading: Callable[..., tuple]
+) -> None:
+    directory = write_tree(tmp_path / "policies", "10")
+    holder, reloader = reloading(directory, watch=True, poll_seconds=0.05)
+    seen_without_budget = []
+    stop = threading.Event()
+
+    def watch_holder() -> None:
+        while not stop.is_set():
+            if not holder.current.departments["eng"].budgets:
+                seen_without_budget.append(holder.current.version)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch_holder, daemon=True)
+    watcher.start()
+    text = department("20")
+    cut = text.index("budgets:")
+    try:
+        with (directory / "eng.yaml").open("w") as handle:
+            # The first part alone is a valid department without any budget.
+            handle.write(text[:cut])
+            handle.flush()
+            time.sleep(0.1)
+            handle.write(text[cut:])
+        wait_for(
+            lambda: (
+                bool(holder.current.departments["eng"].budgets)
+                and budget_limit(holder) == 20_000_000
+            ),
+            "the complete file",
+        )
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+
+    assert seen_without_budget == []
+    assert reloader.status.rejections == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,12 +22,13 @@ import structlog
 import watchfiles
 
 from spendgate.errors import Problem
-from spendgate.policy import Policy, policy_files, read_policy
+from spendgate.policy import LoadResult, Policy, policy_files, read_policy
 from spendgate.policy._version import content_hash
 
 log = structlog.get_logger("spendgate.reload")
 
 DEFAULT_POLL_SECONDS = 2.0
+DEFAULT_SETTLE_SECONDS = 0.3
 MAX_LOGGED_ERRORS = 50
 
 
@@ -81,11 +83,13 @@ class PolicyReloader:
         *,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
         watch: bool = True,
+        settle_seconds: float = DEFAULT_SETTLE_SECONDS,
     ) -> None:
         self.directory = directory
         self.holder = holder
         self.poll_seconds = poll_seconds
         self.watch = watch
+        self.settle_seconds = settle_seconds
         self.status = ReloadStatus(directory=str(directory))
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -99,9 +103,32 @@ class PolicyReloader:
         Returns True when a new version took effect.
         """
         with self._lock:
-            self._fingerprint = fingerprint(self.directory)
-            result = read_policy(self.directory)
+            before = fingerprint(self.directory)
+            self._fingerprint = before
+            # A writer still busy with a file changes its size or mtime within
+            # this pause; the directory is read only once it holds still.
+            time.sleep(self.settle_seconds)
+            if fingerprint(self.directory) != before:
+                self._fingerprint = ()
+                self._wake.set()
+                return False
+            try:
+                result = read_policy(self.directory)
+            except Exception as error:
+                # A loader bug must not end reloads or hide the failure.
+                log.error("policy_reload_failed", exc_info=error)
+                problem = Problem(
+                    str(self.directory), 1, 1, "", f"loading failed: {error}"
+                )
+                result = LoadResult(policy=None, errors=[problem])
             now = datetime.now(UTC)
+            if fingerprint(self.directory) != before:
+                # A file changed while it was read, perhaps half written: the
+                # next poll or event reads the directory again.
+                log.info("policy_changed_while_reading", trigger=trigger)
+                self._fingerprint = ()
+                self._wake.set()
+                return False
             self.status.last_checked_at = now
             current = self.holder.current
             if result.policy is None:

@@ -34,6 +34,7 @@ from spendgate.windows import Period
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _GLOB_CHARACTERS = frozenset("*?[")
 DEFAULT_RESERVATION_TTL = timedelta(minutes=15)
+MAX_RESERVATION_TTL = timedelta(days=30)
 
 
 @dataclass(slots=True)
@@ -216,6 +217,15 @@ class _Compiler:
         if "reservation_ttl" in data:
             text = data["reservation_ttl"]
             ttl = timedelta(seconds=int(text[:-1]) * _DURATION_UNITS[text[-1]])
+            if ttl > MAX_RESERVATION_TTL:
+                self.errors.append(
+                    document.problem(
+                        ("reservation_ttl",),
+                        f"must be at most 30d, got {text}; a reservation holds "
+                        "budget until it is settled or expires",
+                    )
+                )
+                return None
 
         fallback = data.get("unknown_department", "deny")
         # A Department that failed its own checks is reported there already.

@@ -18,7 +18,12 @@ from spendgate.policy._yaml import Document, PathKey
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._:/-]{0,127}$"
-DURATION_PATTERN = r"^[1-9][0-9]*(s|m|h|d)$"
+DURATION_PATTERN = r"^[1-9][0-9]{0,5}(s|m|h|d)$"
+# Upper bounds keep every amount inside the ledger's 64-bit integers: a
+# budget of 10^12 USD is 10^18 micro-USD, below 2^63 (about 9.2 x 10^18).
+MAX_USD = Decimal(10) ** 12
+MAX_PRICE_USD = Decimal(1_000_000)
+MAX_TOKENS = Decimal(10) ** 9
 
 
 class Shape:
@@ -269,11 +274,22 @@ suggest = _suggest
 
 
 def _usd(description: str) -> Number:
-    return Number(exclusive_minimum=Decimal(0), places=6, description=description)
+    return Number(
+        exclusive_minimum=Decimal(0),
+        maximum=MAX_USD,
+        places=6,
+        description=description,
+    )
 
 
 def _tokens(description: str) -> Number:
-    return Number(integer=True, minimum=Decimal(1), description=description)
+    return Number(
+        integer=True, minimum=Decimal(1), maximum=MAX_TOKENS, description=description
+    )
+
+
+def _price() -> Number:
+    return Number(minimum=Decimal(0), maximum=MAX_PRICE_USD, places=6)
 
 
 NAME = Text(
@@ -372,9 +388,9 @@ ORGANIZATION = Object(
 
 PRICES = Object(
     {
-        "input": Key(Number(minimum=Decimal(0), places=6), required=True),
-        "cached_input": Key(Number(minimum=Decimal(0), places=6)),
-        "output": Key(Number(minimum=Decimal(0), places=6), required=True),
+        "input": Key(_price(), required=True),
+        "cached_input": Key(_price()),
+        "output": Key(_price(), required=True),
     },
     description="USD per million tokens.",
 )

@@ -70,6 +70,20 @@ def format_path(path: PathKey) -> str:
     return text
 
 
+# Aliases let a few hundred bytes expand to billions of values ("billion
+# laughs"), and nesting can exhaust the stack; both are stopped here.
+MAX_VALUES = 200_000
+MAX_DEPTH = 64
+
+
+class _TooLarge(Exception):
+    """A document expands past MAX_VALUES, nests past MAX_DEPTH, or loops."""
+
+    def __init__(self, node: yaml.Node, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
 class _Builder:
     """Turn a composed node tree into values, recording marks and problems."""
 
@@ -77,13 +91,28 @@ class _Builder:
         self.document = document
         self.problems = problems
         self.constructor = yaml.SafeLoader("")
+        self.values = 0
+        self.open_nodes: set[int] = set()
 
     def build(self, node: yaml.Node, path: PathKey) -> Any:
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise _TooLarge(node, f"document expands to more than {MAX_VALUES} values")
+        if len(path) > MAX_DEPTH:
+            raise _TooLarge(node, f"document nests deeper than {MAX_DEPTH} levels")
+        if id(node) in self.open_nodes:
+            raise _TooLarge(node, "an alias refers to a node that contains it")
         self.document.value_marks[path] = _mark(node)
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path)
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            self.open_nodes.add(id(node))
+            try:
+                if isinstance(node, yaml.MappingNode):
+                    return self._mapping(node, path)
+                return [
+                    self.build(item, (*path, i)) for i, item in enumerate(node.value)
+                ]
+            finally:
+                self.open_nodes.discard(id(node))
         return self._scalar(node, path)
 
     def _mapping(self, node: yaml.MappingNode, path: PathKey) -> dict[str, Any]:
@@ -118,7 +147,12 @@ class _Builder:
         if node.tag == "tag:yaml.org,2002:timestamp":
             # Kept as text: the reader parses it with datetime.fromisoformat.
             return str(node.value)
-        return self.constructor.construct_object(node, deep=True)
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, KeyError, TypeError) as error:
+            # Explicit tags such as !!int abc, or integers of thousands of digits.
+            self._error(node, path, f"invalid value {str(node.value)[:40]!r}: {error}")
+            return None
 
     def _error(self, node: yaml.Node, path: PathKey, message: str) -> None:
         line, column = _mark(node)
@@ -160,7 +194,12 @@ def parse_documents(
                 continue  # An empty document, such as a trailing "---".
             line, column = _mark(node)
             document = Document(display_name, index, None, line, column)
-            document.data = _Builder(document, problems).build(node, ())
+            try:
+                document.data = _Builder(document, problems).build(node, ())
+            except _TooLarge as error:
+                line, column = _mark(error.node)
+                problems.append(Problem(display_name, line, column, "", str(error)))
+                continue
             documents.append(document)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -172,4 +211,11 @@ def parse_documents(
         )
     except yaml.YAMLError as error:
         problems.append(Problem(display_name, 1, 1, "", f"invalid YAML: {error}"))
+    except RecursionError:
+        # The composer recurses too; thousands of nested brackets exhaust it.
+        problems.append(
+            Problem(
+                display_name, 1, 1, "", f"document nests deeper than {MAX_DEPTH} levels"
+            )
+        )
     return documents, problems
