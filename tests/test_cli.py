@@ -1079,3 +1079,24 @@ def test_simulator_summary(sqlite_database: str) -> None:
         "json",
     )
     assert len(json_lines(audited)) == 60
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        pytest.param("garbage", "Could not parse", id="unparsable"),
+        pytest.param("sqlite://", "in-memory SQLite", id="memory"),
+        pytest.param(
+            "postgresql+psycopg://someone:hunter2@127.0.0.1:1/x",
+            "connection failed",
+            id="refused-with-password",
+        ),
+    ],
+)
+def test_migrate_bad_database_url(url: str, message: str) -> None:
+    result = CliRunner().invoke(main, ["migrate", "--database", url])
+
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert "hunter2" not in result.output

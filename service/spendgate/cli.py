@@ -31,6 +31,17 @@ database_option = click.option(
 )
 
 
+def _shown_url(database: str) -> str:
+    """Render a database URL for a message, with any password hidden."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return repr(make_url(database).render_as_string(hide_password=True))
+    except ArgumentError:
+        return "(an unparsable URL)"
+
+
 def message_to_json(message: Any) -> dict[str, Any]:
     """Convert a response to the JSON the other commands print.
 
@@ -183,6 +194,8 @@ def serve(
     grace: float,
 ) -> None:
     """Serve the SpendGate gRPC API."""
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
     from spendgate import ledger, server, tokens
     from spendgate.errors import PolicyError, SchemaOutdatedError
     from spendgate.ledger._spool import AuditSpool
@@ -196,13 +209,18 @@ def serve(
         click.echo(str(error), err=True)
         sys.exit(EXIT_INVALID_POLICY)
     tokens.preload()
-    engine = ledger.create_engine(
-        database, pool_size=workers, sqlite_synchronous=sqlite_synchronous
-    )
     try:
+        engine = ledger.create_engine(
+            database, pool_size=workers, sqlite_synchronous=sqlite_synchronous
+        )
         revision = ledger.check_schema(engine)
     except SchemaOutdatedError as error:
         click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    except (ArgumentError, SQLAlchemyError, ValueError) as error:
+        first_line = str(error).splitlines()[0]
+        shown = _shown_url(database)
+        click.echo(f"error: cannot open the ledger {shown}: {first_line}", err=True)
         sys.exit(1)
 
     holder = server.PolicyHolder(policy)
@@ -244,11 +262,20 @@ def serve(
 @database_option
 def migrate(database: str) -> None:
     """Create or upgrade the ledger schema to the newest revision."""
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
     from spendgate import ledger
 
-    engine = ledger.create_engine(database, pool_size=1)
-    ledger.migrate(engine)
-    click.echo(f"database at revision {ledger.check_schema(engine)}")
+    try:
+        engine = ledger.create_engine(database, pool_size=1)
+        ledger.migrate(engine)
+        revision = ledger.check_schema(engine)
+    except (ArgumentError, SQLAlchemyError, ValueError) as error:
+        first_line = str(error).splitlines()[0]
+        shown = _shown_url(database)
+        click.echo(f"error: cannot migrate {shown}: {first_line}", err=True)
+        sys.exit(1)
+    click.echo(f"database at revision {revision}")
     engine.dispose()
 
 

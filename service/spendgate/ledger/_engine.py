@@ -64,6 +64,11 @@ def create_engine(
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise ValueError(
+                "an in-memory SQLite database keeps nothing; use a file such as "
+                "sqlite:///var/spendgate.db"
+            )
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = sqlalchemy_create_engine(
