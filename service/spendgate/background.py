@@ -58,7 +58,7 @@ class DatabaseMonitor(threading.Thread):
 
     The thread pings the database every `interval` seconds; an RPC that hits
     a database error calls `mark_down` so health changes at once. When the
-    database answers again, the spool of unverified audit rows is flushed.
+    database responds again, the spool of unverified audit rows is flushed.
     """
 
     def __init__(
@@ -90,7 +90,7 @@ class DatabaseMonitor(threading.Thread):
             self.check()
 
     def check(self) -> bool:
-        """Ping the database now and update health; return whether it answered."""
+        """Ping the database now and update health; return whether it responded."""
         try:
             self.ledger.ping()
         except SQLAlchemyError as error:

@@ -169,7 +169,7 @@ def main(log_level: str, log_json: bool | None) -> None:
     default="var/spool/unverified-audit.jsonl",
     show_default=True,
     type=click.Path(path_type=Path),
-    help="File keeping audit rows of Checks answered while the database is down "
+    help="File keeping audit rows of Checks decided while the database is down "
     "(fail_mode: open) until they are written to it.",
 )
 @click.option(
@@ -410,7 +410,7 @@ def check(
     labels: tuple[str, ...],
     timeout: float,
 ) -> None:
-    """Ask a running server about one model call and print the answer as JSON."""
+    """Ask a running server about one model call and print the response as JSON."""
 
     from spendgate.v1 import spendgate_pb2 as pb
 

@@ -4,7 +4,7 @@ A decision has two phases. `plan` does everything that needs no ledger state:
 department and model lookup, token counting, clamping, size and price checks,
 and the list of models the request may fall back to. `decide` then takes the
 locked usage of the applicable budgets and picks the outcome. The server runs
-`decide` inside the ledger transaction, so the usage it sees cannot change
+`decide` inside the ledger transaction, so the usage it reads cannot change
 before the reservation is written; policy tests and replay feed it usage of
 their own.
 """
@@ -23,7 +23,7 @@ from spendgate.windows import window_key
 
 
 class Decision(enum.StrEnum):
-    """The answer to a Check."""
+    """The decision a Check returns."""
 
     ALLOW = "ALLOW"
     DENY = "DENY"
@@ -132,7 +132,7 @@ class Outcome:
 
 @dataclass(slots=True)
 class Plan:
-    """What phase one found: a final outcome, or candidates awaiting the budgets."""
+    """Result of phase one: a final outcome, or candidates awaiting the budgets."""
 
     requested_model: str
     final: Outcome | None = None

@@ -52,7 +52,7 @@ class Rejection:
 
 @dataclass(slots=True)
 class ReloadStatus:
-    """What GetPolicyStatus reports."""
+    """Reload counters and the last rejection, as GetPolicyStatus returns them."""
 
     directory: str
     reloads: int = 0
@@ -106,7 +106,7 @@ class PolicyReloader:
             before = fingerprint(self.directory)
             self._fingerprint = before
             # A writer still busy with a file changes its size or mtime within
-            # this pause; the directory is read only once it holds still.
+            # this pause, so the directory is read only once nothing changes.
             time.sleep(self.settle_seconds)
             if fingerprint(self.directory) != before:
                 self._fingerprint = ()

@@ -316,7 +316,7 @@ def _rpc(
             "the ledger database is unavailable; retry later",
         )
     except Exception as error:
-        # A bug, not a bad request: log it whole and answer INTERNAL.
+        # A bug, not a bad request: log it with its traceback, return INTERNAL.
         log.error(
             method, status="INTERNAL", exc_info=error, **_elapsed(started), **fields
         )
@@ -509,7 +509,7 @@ def create_server(
 ) -> Running:
     """Build and start a server on `address`; port 0 picks a free port.
 
-    `spool` is the file for audit rows of Checks answered while the database
+    `spool` is the file for audit rows of Checks decided while the database
     is down under fail_mode: open; without one, such Checks get UNAVAILABLE.
     """
     server = grpc.server(

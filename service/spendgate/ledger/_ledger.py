@@ -37,7 +37,7 @@ from spendgate.policy import ExpiryAction
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a request is for, as recorded in the audit log."""
+    """The department, team, user and application of a request, as audited."""
 
     department: str
     team: str = ""
@@ -365,10 +365,10 @@ class Ledger:
         plan: Plan,
         principal: Principal,
     ) -> CheckRecord | None:
-        """Return the stored answer to `request_id`, which must be the same request.
+        """Return the stored response to `request_id`, which must be the same request.
 
         Raises ConflictError when the stored request names another principal
-        or model, because its answer and reservation belong to that request.
+        or model, because its response and reservation belong to that request.
         """
         row = connection.execute(
             select(audit_events, reservations.c.expires_at)
@@ -453,8 +453,9 @@ class Ledger:
     ) -> CommitRecord:
         """Turn a reservation into spend priced from the reported usage.
 
-        A retried Commit with the same usage changes nothing and says so; a
-        Commit of a released reservation raises ConflictError. A Commit after
+        A retried Commit with the same usage changes nothing and reports
+        already_committed. A Commit of a released reservation raises
+        ConflictError. A Commit after
         expiry still records the spend and corrects what expiry charged.
         """
         now = _utc(now)
@@ -512,7 +513,7 @@ class Ledger:
     def release(
         self, reservation_id: str, *, now: datetime | None = None
     ) -> ReleaseRecord:
-        """Free a reservation; a retried Release changes nothing and says so.
+        """Free a reservation; a retried Release changes nothing and reports it.
 
         Releasing an expired reservation refunds what expiry charged, because
         the application reports that the model call did not happen.
@@ -610,7 +611,7 @@ class Ledger:
         spent_delta: int,
         now: datetime,
     ) -> None:
-        """Add the deltas to every budget row the reservation holds money on."""
+        """Add the deltas to every budget row the reservation has money on."""
         if self._lock_rows:
             # Lock in budget_key order, the order Check locks in; an UPDATE
             # alone locks in physical order, and the two orders deadlock.
@@ -688,7 +689,7 @@ def _audit_outcome(outcome: Outcome) -> dict[str, Any]:
         else None,
         "reason_code": outcome.reason.value,
         "rule": outcome.rule[:300],
-        # The message quotes names from the request; the column holds 500.
+        # The message quotes names from the request; the column stores 500.
         "message": outcome.message[:500],
         "input_tokens": candidate.input_tokens if candidate else None,
         "input_tokens_estimated": candidate.input_tokens_estimated
@@ -710,7 +711,7 @@ def unverified_check(
     labels: Mapping[str, str],
     now: datetime,
 ) -> tuple[CheckRecord, dict[str, Any]]:
-    """Build the answer and audit row of a Check decided without the ledger."""
+    """Build the response and audit row of a Check decided without the ledger."""
     row = {
         **_audit_outcome(outcome),
         "estimated_micros": 0,
