@@ -1100,3 +1100,33 @@ def test_migrate_bad_database_url(url: str, message: str) -> None:
     assert message in result.output
     assert "Traceback" not in result.output
     assert "hunter2" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ["--spend", "monthly=1e999999999"], "is not a USD amount", id="huge-spend"
+        ),
+        pytest.param(
+            ["--at", "0001-01-01T00:00:00+14:00"],
+            "limits of the calendar",
+            id="at-edge",
+        ),
+    ],
+)
+def test_explain_hostile_values(args: list[str], message: str) -> None:
+    result = run(
+        "explain",
+        "policies",
+        "--department",
+        "engineering",
+        "--model",
+        "gpt-4o",
+        "--input-tokens",
+        "5",
+        *args,
+    )
+
+    assert result.exit_code == 2
+    assert message in result.output

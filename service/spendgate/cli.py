@@ -381,7 +381,7 @@ def status(address: str, timeout: float) -> None:
 )
 @click.option(
     "--input-tokens",
-    type=click.IntRange(0),
+    type=click.IntRange(0, 10**9),
     default=None,
     help="Input token count, instead of a prompt.",
 )
@@ -445,7 +445,13 @@ def check(
     if prompt is not None:
         request.prompt = prompt
     elif prompt_file is not None:
-        request.prompt = prompt_file.read()
+        try:
+            request.prompt = prompt_file.read()
+        except UnicodeDecodeError as error:
+            raise click.BadParameter(
+                f"the file is not UTF-8 text ({error.reason} at byte {error.start})",
+                param_hint="--prompt-file",
+            ) from None
     else:
         request.input_tokens = input_tokens or 0
     if max_output_tokens is not None:

@@ -19,14 +19,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from spendgate.money import format_usd, usd_to_micros
+from spendgate.policy._schema import MAX_USD
 
 if TYPE_CHECKING:
     from spendgate.errors import Problem
@@ -298,6 +299,16 @@ def _parse_time(text: str | None) -> datetime:
             f"{text!r} has no UTC offset. Add one, such as -04:00 or Z.",
             param_hint="--at",
         )
+    try:
+        # Budget windows are named in the organisation's timezone, which must
+        # be able to represent this instant.
+        (moment - timedelta(days=2)).astimezone(UTC)
+        (moment + timedelta(days=2)).astimezone(UTC)
+    except OverflowError:
+        raise click.BadParameter(
+            f"{text!r} is too close to the limits of the calendar",
+            param_hint="--at",
+        ) from None
     return moment
 
 
@@ -312,8 +323,10 @@ def _parse_spend(value: str) -> tuple[str, str, int]:
         )
     try:
         usd = Decimal(amount)
-        micros = usd_to_micros(usd) if usd.is_finite() and usd >= 0 else -1
-    except (InvalidOperation, ValueError):
+        finite = usd.is_finite() and 0 <= usd <= MAX_USD
+        micros = usd_to_micros(usd) if finite else -1
+    except (ArithmeticError, ValueError):
+        # InvalidOperation, Overflow and digit-limit errors all mean "not USD".
         micros = -1
     if micros < 0:
         raise click.BadParameter(
