@@ -411,22 +411,10 @@ def check(
     timeout: float,
 ) -> None:
     """Ask a running server about one model call and print the response as JSON."""
-
+    from spendgate.cli_policy import read_prompt
     from spendgate.v1 import spendgate_pb2 as pb
 
-    given = [
-        name
-        for name, value in (
-            ("--prompt", prompt),
-            ("--prompt-file", prompt_file),
-            ("--input-tokens", input_tokens),
-        )
-        if value is not None
-    ]
-    if len(given) != 1:
-        raise click.UsageError(
-            "give exactly one of --prompt, --prompt-file or --input-tokens"
-        )
+    prompt = read_prompt(prompt, prompt_file, input_tokens)
     label_map = {}
     for label in labels:
         key, sep, value = label.partition("=")
@@ -444,14 +432,6 @@ def check(
     )
     if prompt is not None:
         request.prompt = prompt
-    elif prompt_file is not None:
-        try:
-            request.prompt = prompt_file.read()
-        except UnicodeDecodeError as error:
-            raise click.BadParameter(
-                f"the file is not UTF-8 text ({error.reason} at byte {error.start})",
-                param_hint="--prompt-file",
-            ) from None
     else:
         request.input_tokens = input_tokens or 0
     if max_output_tokens is not None:

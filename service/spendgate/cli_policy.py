@@ -214,19 +214,7 @@ def explain_command(
     from spendgate.evaluator import Request
     from spendgate.policytest import evaluate
 
-    inputs = [
-        name
-        for name, value in (
-            ("--prompt", prompt),
-            ("--prompt-file", prompt_file),
-            ("--input-tokens", input_tokens),
-        )
-        if value is not None
-    ]
-    if len(inputs) != 1:
-        raise click.UsageError(
-            "give exactly one of --prompt, --prompt-file or --input-tokens"
-        )
+    prompt = read_prompt(prompt, prompt_file, input_tokens)
     if database is not None and spend_values:
         raise click.UsageError("give either --database or --spend, not both")
     for name, value in (("--department", department), ("--model", model)):
@@ -242,7 +230,7 @@ def explain_command(
         team=team.strip(),
         user=user.strip(),
         application="spendgate-explain",
-        prompt=prompt_file.read() if prompt_file is not None else prompt,
+        prompt=prompt,
         input_tokens=input_tokens,
         max_output_tokens=max_output_tokens,
     )
@@ -277,6 +265,37 @@ def _load_policy(directory: Path) -> Policy:
         click.echo(f"{directory}: invalid policy, {count} errors", err=True)
         sys.exit(EXIT_INVALID_POLICY)
     return result.policy
+
+
+def read_prompt(
+    prompt: str | None, prompt_file: TextIO | None, input_tokens: int | None
+) -> str | None:
+    """Check that exactly one input option is given; return the prompt text, if any.
+
+    Shared by `check` and `explain`, which take the same three input options.
+    """
+    given = [
+        name
+        for name, value in (
+            ("--prompt", prompt),
+            ("--prompt-file", prompt_file),
+            ("--input-tokens", input_tokens),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise click.UsageError(
+            "give exactly one of --prompt, --prompt-file or --input-tokens"
+        )
+    if prompt_file is None:
+        return prompt
+    try:
+        return prompt_file.read()
+    except UnicodeDecodeError as error:
+        raise click.BadParameter(
+            f"the file is not UTF-8 text ({error.reason} at byte {error.start})",
+            param_hint="--prompt-file",
+        ) from None
 
 
 def _print_errors(problems: list[Problem]) -> None:
