@@ -232,7 +232,7 @@ def decide(plan: Plan, usage: Mapping[str, Usage]) -> Outcome:
 
     `usage` maps BudgetLine.key to the row's usage; a missing key is an empty
     row. Shadow budgets never change the returned decision, but when they
-    would have, the outcome's shadow_decision says so.
+    would have, the outcome's shadow_decision records it.
     """
     if plan.final is not None:
         return plan.final

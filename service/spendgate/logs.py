@@ -9,7 +9,7 @@ import structlog
 
 
 def configure(level: str = "info", *, json: bool | None = None) -> None:
-    """Configure structlog; JSON unless stderr is a terminal, unless `json` says."""
+    """Configure structlog: JSON when stderr is not a terminal, or as `json` sets."""
     if json is None:
         json = not sys.stderr.isatty()
     renderer: structlog.types.Processor = (

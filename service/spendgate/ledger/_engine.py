@@ -105,8 +105,8 @@ def _configure_postgres(engine: Engine) -> None:
         # A lock wait or a hung server fails the request instead of hanging it.
         cursor = connection.cursor()
         cursor.execute(f"SET statement_timeout = {POSTGRES_STATEMENT_TIMEOUT_MS}")
-        # A replica cut off mid-transaction would otherwise hold its budget row
-        # locks until the server notices the dead connection; no transaction of
+        # A replica cut off mid-transaction would otherwise keep its budget row
+        # locks until the server notices the dead connection. No transaction of
         # ours sits idle this long.
         cursor.execute(
             "SET idle_in_transaction_session_timeout = "

@@ -1,6 +1,6 @@
 """A local file of audit rows written while the ledger database was unreachable.
 
-With fail_mode: open, Check answers without the database, so its audit row
+With fail_mode: open, Check decides without the database, so its audit row
 cannot be inserted at once. Each such row is appended to this file and
 flushed to the database when it is back; the file is synced on every
 append, so a crash loses no row.

@@ -99,7 +99,7 @@ audit_events = Table(
     # check, commit, release or expire.
     Column("event", String(16), nullable=False),
     Column("request_id", String(200), nullable=False),
-    # Set on check events only: makes a retried Check find its first answer.
+    # Set on check events only, so a retried Check finds its first response.
     Column("check_request_id", String(200), nullable=True, unique=True),
     Column("reservation_id", String(32), nullable=True, index=True),
     Column("department", String(100), nullable=False),

@@ -18,7 +18,7 @@ from spendgate.windows import Period
 
 
 class Scope(enum.StrEnum):
-    """Who shares one budget."""
+    """The group of requests that shares one budget."""
 
     DEPARTMENT = "department"
     TEAM = "team"
@@ -26,14 +26,14 @@ class Scope(enum.StrEnum):
 
 
 class FailMode(enum.StrEnum):
-    """How Check answers while the ledger database is unreachable."""
+    """Check's behaviour while the ledger database is unreachable."""
 
     CLOSED = "closed"
     OPEN = "open"
 
 
 class ExpiryAction(enum.StrEnum):
-    """What an expired reservation turns into."""
+    """The settlement of an expired reservation."""
 
     CHARGE = "charge"
     RELEASE = "release"

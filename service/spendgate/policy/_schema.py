@@ -379,7 +379,7 @@ ORGANIZATION = Object(
         "fail_mode": Key(
             Text(
                 choices=("closed", "open"),
-                description="When the ledger is unreachable: closed answers "
+                description="When the ledger is unreachable: closed returns "
                 "UNAVAILABLE, open allows unverified.",
             )
         ),

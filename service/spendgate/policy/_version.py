@@ -65,7 +65,7 @@ def git_revision(
     `files` maps paths relative to `directory` to the bytes that were read;
     paths in `ignored` (policy test files) are left out of the comparison.
     They are compared with HEAD's tree by git blob id, so the marker describes
-    exactly the snapshot, not whatever the work tree holds a moment later.
+    exactly the snapshot, not whatever the work tree contains a moment later.
     Returns None outside a git checkout or when git is missing.
     """
     output = _git(directory, "rev-parse", "--show-toplevel", "--show-prefix", "HEAD")
