@@ -414,8 +414,11 @@ def test_sigterm_drains_in_flight_calls(
         WORKERS,
         "--grace",
         str(grace_seconds),
-        # No database pings while the test holds the write lock.
+        # No database pings while the test holds the write lock, and Checks
+        # wait for that lock longer than the test can take on a slow machine.
         "--health-interval",
+        "60",
+        "--sqlite-busy-timeout",
         "60",
     )
     statuses: list[tuple[float, int]] = []
@@ -443,7 +446,7 @@ def test_sigterm_drains_in_flight_calls(
     assert serving.wait(timeout=10)
 
     # Holding SQLite's write lock keeps the Checks waiting inside the server
-    # (for up to its 5 s busy timeout) until the test lets them finish.
+    # (for up to the 60 s busy timeout set above) until the test lets them finish.
     blocker = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     finished: list[float] = []

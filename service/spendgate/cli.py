@@ -157,6 +157,14 @@ def main(log_level: str, log_json: bool | None) -> None:
     "loss at about 4 ms more per write.",
 )
 @click.option(
+    "--sqlite-busy-timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 600),
+    help="Seconds a request waits for another process's SQLite write lock before "
+    "it fails with UNAVAILABLE.",
+)
+@click.option(
     "--drain-delay",
     default=0.0,
     show_default=True,
@@ -189,6 +197,7 @@ def serve(
     sweep_interval: float,
     health_interval: float,
     sqlite_synchronous: str,
+    sqlite_busy_timeout: float,
     drain_delay: float,
     spool: Path,
     grace: float,
@@ -211,7 +220,10 @@ def serve(
     tokens.preload()
     try:
         engine = ledger.create_engine(
-            database, pool_size=workers, sqlite_synchronous=sqlite_synchronous
+            database,
+            pool_size=workers,
+            sqlite_synchronous=sqlite_synchronous,
+            sqlite_busy_timeout_ms=int(sqlite_busy_timeout * 1000),
         )
         revision = ledger.check_schema(engine)
     except SchemaOutdatedError as error:

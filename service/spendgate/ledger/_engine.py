@@ -45,6 +45,7 @@ def create_engine(
     pool_size: int = 10,
     echo: bool = False,
     sqlite_synchronous: str = "normal",
+    sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
 ) -> Engine:
     """Create an engine tuned for short write transactions on SQLite or PostgreSQL.
 
@@ -77,11 +78,11 @@ def create_engine(
             pool_size=pool_size,
             max_overflow=pool_size,
             connect_args={
-                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                "timeout": sqlite_busy_timeout_ms / 1000,
                 "check_same_thread": False,
             },
         )
-        _configure_sqlite(engine, sqlite_synchronous.upper())
+        _configure_sqlite(engine, sqlite_synchronous.upper(), sqlite_busy_timeout_ms)
         return engine
     engine = sqlalchemy_create_engine(
         parsed,
@@ -116,14 +117,14 @@ def _configure_postgres(engine: Engine) -> None:
         connection.commit()
 
 
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(connection: Any, _record: Any) -> None:
         # Hand transaction control to the "begin" hook below.
         connection.isolation_level = None
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
