@@ -462,8 +462,10 @@ def test_sigterm_drains_in_flight_calls(
     signalled = time.monotonic()
     replica.process.send_signal(signal.SIGTERM)
     saw_not_serving = not_serving.wait(timeout=3)
-    # The server takes no new call once the drain starts. Which code the
-    # client sees depends on whether its connection was already closed.
+    # Health turns NOT_SERVING before the listener closes, so a call sent in
+    # between is still taken. Once the server logs `draining` it takes none;
+    # which code the client sees depends on whether its connection was closed.
+    wait_for(lambda: "draining" in replica.launched.event_names(), "draining")
     with pytest.raises(grpc.RpcError) as refused:
         replica.stub.Check(check_request("after-sigterm", "drainer"), timeout=5)
     time.sleep(0.3)

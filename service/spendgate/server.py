@@ -492,7 +492,10 @@ class Running:
         if drain_delay > 0:
             time.sleep(drain_delay)
         self.sweeper.stop()
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        # From here new calls are refused; in-flight ones have `grace` seconds.
+        log.info("draining", grace_seconds=grace)
+        stopped.wait()
 
 
 def create_server(
