@@ -38,10 +38,9 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from spendgate import evaluator, ledger, logs, tokens
+from spendgate import evaluator, handlers, ledger, logs, tokens
 from spendgate.policy import load_policy
 from spendgate.server import MAX_MESSAGE_BYTES, PolicyHolder, SpendGateServicer
-from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
 CHECK_METHOD = "/spendgate.v1.SpendGate/Check"
 # grpc-stubs makes RpcMethodHandler generic but grpcio's class is not, so the
@@ -274,7 +273,7 @@ def main() -> None:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    pb_grpc.add_SpendGateServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    handlers.add_servicer(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:
         sys.exit("error: cannot listen on 127.0.0.1")

@@ -913,3 +913,104 @@ def test_check_retry_other_principal(ledger_gate: Gate) -> None:
     assert "shared-id" in details
     assert first.reservation_id not in details
     assert ledger_gate.count("reservations") == 1
+
+
+def _text_field(number: int, value: bytes) -> bytes:
+    """Encode a short length-delimited protobuf field by hand, UTF-8 or not."""
+    assert len(value) < 128, "the length must fit in one varint byte"
+    return bytes([number << 3 | 2, len(value)]) + value
+
+
+# A prompt that fails UTF-8 decoding after the marker, so a body that is
+# logged or stored would show the marker.
+_BAD_PROMPT = b"secret-prompt-7f3a " + b"\xff\xfe"
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "message_type", "reason", "event"),
+    [
+        pytest.param(
+            "Check",
+            _text_field(1, b"bad-user")
+            + _text_field(2, _text_field(1, b"platform") + _text_field(3, b"al\xe9"))
+            + _text_field(3, b"flat-1")
+            + bytes([6 << 3, 10]),
+            "spendgate.v1.CheckRequest",
+            "string fields must be UTF-8",
+            "check",
+            id="check-latin-1-user",
+        ),
+        pytest.param(
+            "Check",
+            _text_field(1, b"bad-prompt")
+            + _text_field(2, _text_field(1, b"research"))
+            + _text_field(3, b"flat-1")
+            + _text_field(4, _BAD_PROMPT),
+            "spendgate.v1.CheckRequest",
+            "string fields must be UTF-8",
+            "check",
+            id="check-bad-prompt",
+        ),
+        pytest.param(
+            "Commit",
+            _text_field(1, b"\xc3\x28"),
+            "spendgate.v1.CommitRequest",
+            "string fields must be UTF-8",
+            "commit",
+            id="commit-bad-reservation-id",
+        ),
+        pytest.param(
+            "Release",
+            _text_field(1, b"\x80"),
+            "spendgate.v1.ReleaseRequest",
+            "string fields must be UTF-8",
+            "release",
+            id="release-bad-reservation-id",
+        ),
+        pytest.param(
+            "GetBudget",
+            _text_field(1, _text_field(1, b"r\xe9search")),
+            "spendgate.v1.GetBudgetRequest",
+            "string fields must be UTF-8",
+            "get_budget",
+            id="get-budget-bad-department",
+        ),
+        pytest.param(
+            "GetPolicyStatus",
+            # Field 1 claims 5 bytes, but only 2 follow.
+            bytes([1 << 3 | 2, 5]) + b"ab",
+            "spendgate.v1.GetPolicyStatusRequest",
+            "the body is not a valid protobuf encoding",
+            "get_policy_status",
+            id="get-policy-status-truncated",
+        ),
+    ],
+)
+def test_undecodable_request_invalid(
+    gate: Gate, method: str, body: bytes, message_type: str, reason: str, event: str
+) -> None:
+    call = gate.channel.unary_unary(
+        f"/spendgate.v1.SpendGate/{method}",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+
+    with structlog.testing.capture_logs() as logs:
+        error_code, details = rpc_error(lambda: call(body, timeout=10))
+    after = gate.stub.Check(check_request("after-bad-body", 10))
+
+    assert error_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == f"request is not a valid {message_type}: {reason}"
+    assert logs == [
+        {
+            "event": event,
+            "log_level": "warning",
+            "status": "INVALID_ARGUMENT",
+            "error": details,
+            "request_bytes": len(body),
+        }
+    ]
+    assert b"secret-prompt" not in repr(logs).encode()
+    assert gate.audit_rows("bad-user") == []
+    assert gate.audit_rows("bad-prompt") == []
+    assert after.decision == ALLOW

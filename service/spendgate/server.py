@@ -25,7 +25,7 @@ from sqlalchemy.exc import (
     TimeoutError as PoolTimeoutError,
 )
 
-from spendgate import evaluator, tokens
+from spendgate import evaluator, handlers, tokens
 from spendgate.background import DatabaseMonitor, ExpirySweeper
 from spendgate.errors import (
     ConflictError,
@@ -528,8 +528,7 @@ def create_server(
         ],
     )
     servicer = SpendGateServicer(policies, ledger, clock, reloader, spool)
-    # The generated registration function carries no type annotations.
-    pb_grpc.add_SpendGateServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    handlers.add_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
