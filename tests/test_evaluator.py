@@ -937,6 +937,45 @@ def test_budget_lines_principal(policy: Policy, fallback_policy: Policy) -> None
     ]
 
 
+@pytest.mark.parametrize(
+    ("department", "team", "user"),
+    [
+        pytest.param("Budgeted", "RED", "Alice", id="upper-case"),
+        pytest.param(" budgeted ", " Red ", " ALICE ", id="padded"),
+    ],
+)
+def test_budget_lines_ignore_case(
+    policy: Policy, department: str, team: str, user: str
+) -> None:
+    request = Request(
+        department=department, team=team, user=user, model="mid", input_tokens=1
+    )
+
+    planned = plan(policy, request, NOW).budgets
+    listed = budget_lines(policy, department, team, user, NOW)
+
+    assert [line.key for line in planned] == [
+        MONTHLY,
+        ALICE_DAILY,
+        RED_WEEKLY,
+        RED_MONTHLY,
+        RED_ALICE_DAILY,
+    ]
+    assert listed is not None
+    assert [line.key for line in listed] == [line.key for line in planned]
+
+
+def test_decide_user_case_shares_budget(policy: Policy) -> None:
+    # The usage was reserved under "alice"; "Alice" reads the same row.
+    usage = {ALICE_DAILY: split_usage(100_000)}
+
+    outcome = evaluate(policy, usage, **{**ALICE, "user": "Alice"})
+
+    assert outcome.decision is Decision.DENY
+    assert outcome.reason is Reason.BUDGET_EXCEEDED
+    assert outcome.rule == f"{BUDGETS}/per-user-daily"
+
+
 def test_plan_budget_lines_anonymous(policy: Policy) -> None:
     request = Request(department="budgeted", model="mid", input_tokens=1)
 

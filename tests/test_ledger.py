@@ -237,6 +237,38 @@ def test_concurrent_new_user_denied(ledger: Ledger, policy: Policy) -> None:
     assert count_rows(ledger.engine, "audit_events") == THREADS
 
 
+def test_concurrent_user_case_variants_share(ledger: Ledger, policy: Policy) -> None:
+    spellings = ("alice", "Alice", "ALICE", " aLiCe ")
+    estimate = 30_000
+
+    records = run_together(
+        THREADS,
+        lambda index: check(
+            ledger,
+            policy,
+            f"r{index}",
+            estimate,
+            user=spellings[index % len(spellings)],
+        ),
+    )
+
+    with ledger.engine.connect() as connection:
+        user_rows = connection.execute(
+            text("SELECT subject FROM budget_usage WHERE scope = 'user'")
+        )
+        subjects = list(user_rows.scalars())
+        audit_rows = connection.execute(text('SELECT "user" FROM audit_events'))
+        audited_users = set(audit_rows.scalars())
+        connection.rollback()
+    admitted = USER_LIMIT_MICROS // estimate
+    decisions = Counter(record.decision for record in records)
+    assert decisions[Decision.ALLOW] == admitted
+    assert decisions[Decision.DENY] == THREADS - admitted
+    assert subjects == ["alice"]
+    # The audit log keeps each user name as the client sent it.
+    assert audited_users == set(spellings)
+
+
 def test_concurrent_retries_reserve_once(ledger: Ledger, policy: Policy) -> None:
     request_ids = 8
     # Eight requests of alice together stay under her $0.10 a day.

@@ -346,6 +346,36 @@ cases:
     assert web.spent_micros == 2_000_001
 
 
+def test_spend_user_ignores_case(policy_dir: Path) -> None:
+    # small would cost 0.012 USD, so 4.99 USD spent leaves no room for either
+    # model, whichever letter case the user name has.
+    text = """\
+apiVersion: spendgate/v1
+kind: PolicyTest
+name: user names ignore case
+now: 2026-03-18T10:00:00-04:00
+spend:
+  - {department: eng, budget: per-user-daily, user: " Alice ", spent_usd: 4.99}
+cases:
+  - name: lower case
+    request: {department: eng, user: alice, model: big, input_tokens: 10000}
+    expect: {decision: DENY, rule: departments/eng/budgets/per-user-daily}
+  - name: upper case
+    request: {department: eng, user: ALICE, model: big, input_tokens: 10000}
+    expect: {decision: DENY, rule: departments/eng/budgets/per-user-daily}
+"""
+    with_tests(policy_dir, text)
+
+    loaded = read_tests(policy_dir, load_policy(policy_dir))
+    result = run("test", str(policy_dir))
+
+    assert loaded.errors == []
+    assert set(loaded.tests[0].usage) == {
+        "departments/eng/budgets/per-user-daily|alice|2026-03-18"
+    }
+    assert result.exit_code == 0, result.output
+
+
 def test_junit_counts(policy_dir: Path, tmp_path: Path) -> None:
     with_tests(policy_dir, FAILING)
     with_tests(policy_dir, PASSING, "tests/more.yaml")
@@ -451,6 +481,28 @@ def test_explain_budget_exceeded(policy_dir: Path) -> None:
     assert "decision: DENY\n" in out
     assert "reason_code: BUDGET_EXCEEDED\n" in out
     assert "rule: departments/eng/budgets/per-user-daily\n" in out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param(["--spend", "per-user-daily:U1=4.99"], id="spend-upper-case"),
+        pytest.param(
+            ["--user", " U1 ", "--spend", "per-user-daily:u1=4.99"],
+            id="user-upper-case",
+        ),
+    ],
+)
+def test_explain_user_ignores_case(policy_dir: Path, options: list[str]) -> None:
+    result = explain(policy_dir, *options)
+
+    assert result.exit_code == 0, result.output
+    assert (
+        "departments/eng/budgets/per-user-daily (user:u1, day 2026-03-18): "
+        "spent $4.990000, reserved $0.000000, limit $5.000000"
+    ) in result.stdout
+    assert "decision: DENY\n" in result.stdout
+    assert "rule: departments/eng/budgets/per-user-daily\n" in result.stdout
 
 
 def test_explain_json(policy_dir: Path) -> None:

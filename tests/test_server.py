@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from conftest import Gate, PolicyWriter, ServeFactory
@@ -353,6 +354,12 @@ def _no_messages() -> pb.CheckRequest:
         ),
         pytest.param(
             check_request("r", 10, model="m" * 129), "model", id="model-too-long"
+        ),
+        pytest.param(
+            # U+0130 lowercases to two code points: 101 characters become 202.
+            check_request("r", 10, user="\u0130" * 101),
+            "principal.user",
+            id="user-too-long-once-lowercased",
         ),
     ],
 )
@@ -899,6 +906,36 @@ def test_prompt_not_stored_or_logged(
     assert marker.encode() not in stored
     assert marker not in repr(logs)
     assert marker not in output.out + output.err
+
+
+def test_check_user_case_shares_budget(ledger_gate: Gate) -> None:
+    # platform gives each user 5 USD a day, and a Check of 2,000,000 flat-1
+    # input tokens reserves 2 USD.
+    spellings = ("Alice", "ALICE", " alice ")
+
+    responses = [
+        ledger_gate.stub.Check(
+            check_request(f"case-{n}", 2_000_000, department="platform", user=name)
+        )
+        for n, name in enumerate(spellings)
+    ]
+    budgets = ledger_gate.stub.GetBudget(
+        pb.GetBudgetRequest(principal=pb.Principal(department="platform", user="aLiCe"))
+    ).budgets
+    with ledger_gate.engine.connect() as connection:
+        audit_rows = connection.execute(
+            text('SELECT "user" FROM audit_events ORDER BY id')
+        )
+        audited_users = list(audit_rows.scalars())
+        connection.rollback()
+
+    per_user = [status for status in budgets if status.budget == "per-user-daily"]
+    assert [response.decision for response in responses] == [ALLOW, ALLOW, DENY]
+    assert responses[2].rule == "departments/platform/budgets/per-user-daily"
+    assert [status.scope for status in per_user] == ["user:alice"]
+    assert per_user[0].reserved_micros == 4_000_000
+    # The audit log keeps the user name as sent, trimmed of whitespace.
+    assert audited_users == ["Alice", "ALICE", "alice"]
 
 
 def test_check_retry_other_principal(ledger_gate: Gate) -> None:

@@ -363,10 +363,11 @@ def spend_usage(
 
     A budget is named by its rule id, by its name for a department budget,
     or by TEAM/NAME for a budget of the request's team. A subject, when
-    given, must be the one the request is counted under. Raises SpendError
+    given, must be the one the request is counted under, compared the way
+    the evaluator compares names (trimmed and lowercased). Raises SpendError
     for a budget that does not apply to the request.
     """
-    from spendgate.evaluator import Usage
+    from spendgate.evaluator import Usage, normalize_name
     from spendgate.policy._schema import suggest
 
     names: dict[str, BudgetLine] = {}
@@ -387,7 +388,7 @@ def spend_usage(
                 f"--spend {budget!r} is not a budget of this request"
                 f"{suggest(budget, options)}; its budgets are: {listed}"
             )
-        if subject and subject != found.subject:
+        if subject and normalize_name(subject) != found.subject:
             raise SpendError(
                 f"--spend {budget}:{subject} names {found.scope.value} {subject!r}, "
                 f"but the request is counted as {found.label}; drop :{subject}"

@@ -150,6 +150,15 @@ class Plan:
 Counter = Callable[[Model], tokens.TokenCount]
 
 
+def normalize_name(name: str) -> str:
+    """Trim and lowercase a department, team or user name from a request.
+
+    Lookups and budget subjects use this form, so "Alice" and "alice" share
+    one per-user budget. Audit rows keep the letter case the client sent.
+    """
+    return name.strip().lower()
+
+
 def input_counter(request: Request) -> Counter:
     """Return a function counting the request's input for a model's tokenizer.
 
@@ -182,7 +191,7 @@ def plan(
     """Run the decision steps that need no ledger state."""
     count = count or input_counter(request)
     result = Plan(requested_model=request.model)
-    department = policy.departments.get(request.department.strip().lower())
+    department = policy.departments.get(normalize_name(request.department))
     fallback = policy.organization.unknown_department
     if department is None and fallback is not None:
         result.trace.append(
@@ -210,7 +219,7 @@ def plan(
 
     result.requested_model = model.name
     result.department = department
-    result.team = department.teams.get(request.team.strip().lower())
+    result.team = department.teams.get(normalize_name(request.team))
     result.budgets = _budget_lines(policy, department, result.team, request, now)
     _add_candidates(policy, result, model, request, count)
     if result.final is None and not result.candidates:
@@ -434,7 +443,7 @@ def budget_lines(
     policy: Policy, department: str, team: str, user: str, now: datetime
 ) -> tuple[BudgetLine, ...] | None:
     """List the budgets that apply to a principal; None for an unknown department."""
-    found = policy.departments.get(department.strip().lower())
+    found = policy.departments.get(normalize_name(department))
     fallback = policy.organization.unknown_department
     if found is None and fallback is not None:
         found = policy.departments[fallback]
@@ -442,7 +451,7 @@ def budget_lines(
         return None
     request = Request(department=found.name, model="", team=team, user=user)
     return _budget_lines(
-        policy, found, found.teams.get(team.strip().lower()), request, now
+        policy, found, found.teams.get(normalize_name(team)), request, now
     )
 
 
@@ -454,8 +463,8 @@ def _budget_lines(
     now: datetime,
 ) -> tuple[BudgetLine, ...]:
     timezone = policy.organization.timezone
-    team_name = request.team.strip().lower()
-    user = request.user.strip()
+    team_name = normalize_name(request.team)
+    user = normalize_name(request.user)
     budgets = department.budgets + (team.budgets if team else ())
     lines = []
     for budget in budgets:

@@ -27,6 +27,7 @@ from spendgate.evaluator import (
     Reason,
     Request,
     Usage,
+    normalize_name,
 )
 from spendgate.money import format_usd, usd_to_micros
 from spendgate.policy import Budget, Department, Policy, Scope, policy_files
@@ -361,9 +362,9 @@ class _TestCompiler:
             return None
 
         if budget.per is Scope.USER:
-            subject = str(entry["user"]).strip()
+            subject = normalize_name(str(entry["user"]))
         elif budget.per is Scope.TEAM:
-            subject = str(entry["team"]).strip().lower()
+            subject = normalize_name(str(entry["team"]))
         else:
             subject = department.name
         if now is None:

@@ -379,6 +379,15 @@ def _parse_check(request: pb.CheckRequest) -> evaluator.Request:
     _require(request.model, "model")
     for field in ("team", "user", "application"):
         _check_text(getattr(principal, field), f"principal.{field}")
+    # The lowercased user is the per-user budget subject, and lowercasing
+    # can lengthen it: "\u0130" (I with dot above) becomes two code points.
+    subject = evaluator.normalize_name(principal.user)
+    if len(subject) > FIELD_LIMITS["principal.user"]:
+        raise RequestError(
+            "principal.user",
+            f"must be at most {FIELD_LIMITS['principal.user']} characters "
+            f"once lowercased, got {len(subject)}",
+        )
     if len(request.labels) > MAX_LABELS:
         raise RequestError(
             "labels", f"at most {MAX_LABELS} labels, got {len(request.labels)}"
