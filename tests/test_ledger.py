@@ -13,12 +13,15 @@ from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, literal, literal_column, select, text
+from sqlalchemy.exc import DBAPIError
 
 from conftest import START, PolicyWriter, ServeFactory
 from spendgate import evaluator
 from spendgate.evaluator import Decision, Reason
 from spendgate.ledger import CheckRecord, Ledger, Principal, check_schema, create_engine
+from spendgate.ledger._driver import Driver
+from spendgate.ledger._tables import audit_events, reservations
 from spendgate.policy import ExpiryAction, Policy, Scope, load_policy
 from spendgate.v1 import spendgate_pb2 as pb
 
@@ -320,6 +323,58 @@ def test_check_non_utc_now(ledger: Ledger, policy: Policy) -> None:
     assert replay.replayed is True
     assert replay.expires_at == first.expires_at
     assert settled == 1
+
+
+def test_rows_read_back_through_sqlalchemy(ledger: Ledger, policy: Policy) -> None:
+    # The ledger writes on the driver's cursor; reports and the audit CLI read
+    # the same rows through SQLAlchemy, which must see the values written.
+    now = START + timedelta(seconds=1, microseconds=250)
+    record = check(ledger, policy, "r", 30_000, now=now)
+    ledger.commit(
+        record.reservation_id,
+        input_tokens=20_000,
+        cached_input_tokens=0,
+        output_tokens=0,
+        now=now,
+    )
+
+    with ledger.engine.connect() as connection:
+        reservation = connection.execute(
+            select(reservations).where(reservations.c.id == record.reservation_id)
+        ).one()
+        events = connection.execute(
+            select(audit_events).order_by(audit_events.c.id)
+        ).all()
+        connection.rollback()
+
+    def utc(value: datetime) -> datetime:
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    assert reservation.state == "committed"
+    assert reservation.actual_micros == 20_000
+    assert utc(reservation.created_at) == now
+    assert utc(reservation.expires_at) == record.expires_at
+    assert [event.event for event in events] == ["check", "commit"]
+    assert [utc(event.occurred_at) for event in events] == [now, now]
+    assert [event.labels for event in events] == ["{}", "{}"]
+    assert [event.input_tokens_estimated for event in events] == [False, False]
+
+
+def test_driver_error_is_sqlalchemy_error(ledger: Ledger) -> None:
+    driver = Driver(ledger.engine)
+    missing = driver.compile(select(literal_column("1")).select_from(text("nowhere")))
+    one = driver.compile(select(literal(1).label("one")))
+
+    with pytest.raises(DBAPIError) as raised, driver.transaction() as transaction:
+        transaction.first(missing, {})
+    # The failed transaction was rolled back, so its connection serves again.
+    with driver.transaction() as transaction:
+        row = transaction.first(one, {})
+
+    assert "nowhere" in str(raised.value)
+    assert raised.value.connection_invalidated is False
+    assert row is not None
+    assert row.one == 1
 
 
 @pytest.mark.postgres

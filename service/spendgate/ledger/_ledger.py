@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, and_, bindparam, func, select, update
+from sqlalchemy import Engine, Select, and_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from spendgate import evaluator
 from spendgate.errors import ConflictError, NotFoundError
 from spendgate.evaluator import BudgetLine, Decision, Outcome, Plan, Reason, Usage
+from spendgate.ledger._driver import Driver, Transaction, items
 from spendgate.ledger._tables import (
     audit_events,
     budget_usage,
@@ -33,6 +35,55 @@ from spendgate.ledger._tables import (
 )
 from spendgate.money import token_cost_micros
 from spendgate.policy import ExpiryAction
+
+_USAGE_COLUMNS = (
+    "budget_key",
+    "rule",
+    "scope",
+    "subject",
+    "period",
+    "window",
+    "spent_micros",
+    "reserved_micros",
+    "created_at",
+    "updated_at",
+)
+_RESERVATION_COLUMNS = (
+    "id",
+    "request_id",
+    "state",
+    "department",
+    "team",
+    "user",
+    "application",
+    "model",
+    "estimated_micros",
+    "charged_micros",
+    "input_price_micros",
+    "cached_input_price_micros",
+    "output_price_micros",
+    "policy_version",
+    "created_at",
+    "expires_at",
+)
+# Every audit column but the id, with the value an event leaves unset. Check
+# and settlement events share one INSERT statement, so each sends them all.
+_AUDIT_DEFAULTS: dict[str, Any] = {
+    column.name: None for column in audit_events.columns if column.name != "id"
+} | {
+    "decision": "",
+    "reason_code": "",
+    "rule": "",
+    "message": "",
+    "input_tokens_estimated": False,
+    "unverified": False,
+    "labels": "{}",
+}
+
+
+def _marks(columns: Iterable[str]) -> dict[str, BindParameter[Any]]:
+    """Return a bind parameter named after each column, for INSERT ... VALUES."""
+    return {column: bindparam(column) for column in columns}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +147,7 @@ class Ledger:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        driver = self._driver = Driver(engine)
         dialect = engine.dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         # SQLite's write lock covers the whole database; FOR UPDATE is for PostgreSQL.
@@ -107,38 +159,53 @@ class Ledger:
         self._turn: AbstractContextManager[object] = (
             threading.Lock() if dialect == "sqlite" else nullcontext()
         )
-        # Statements on the Check path are built once: building and cache-keying
-        # a statement per call cost more than running it on SQLite.
-        self._create_rows = insert(budget_usage).on_conflict_do_nothing(
-            index_elements=["budget_key"]
+
+        def lock(query: Select[Any]) -> Select[Any]:
+            return query.with_for_update() if self._lock_rows else query
+
+        self._create_rows = driver.compile(
+            insert(budget_usage)
+            .values(_marks(_USAGE_COLUMNS))
+            .on_conflict_do_nothing(index_elements=["budget_key"])
         )
-        read_rows = (
-            select(
-                budget_usage.c.budget_key,
-                budget_usage.c.id,
-                budget_usage.c.spent_micros,
-                budget_usage.c.reserved_micros,
+
+        def read_rows(keys: Sequence[ColumnElement[Any]]) -> Select[Any]:
+            return (
+                select(
+                    budget_usage.c.budget_key,
+                    budget_usage.c.id,
+                    budget_usage.c.spent_micros,
+                    budget_usage.c.reserved_micros,
+                )
+                .where(budget_usage.c.budget_key.in_(keys))
+                .order_by(budget_usage.c.budget_key)
             )
-            .where(budget_usage.c.budget_key.in_(bindparam("keys", expanding=True)))
-            .order_by(budget_usage.c.budget_key)
-        )
-        self._read_rows = read_rows
-        self._lock_rows_query = (
-            read_rows.with_for_update() if self._lock_rows else read_rows
-        )
-        self._reserve = (
-            update(budget_usage)
-            .where(budget_usage.c.id.in_(bindparam("ids", expanding=True)))
-            .values(
-                reserved_micros=budget_usage.c.reserved_micros + bindparam("amount"),
-                updated_at=bindparam("now"),
+
+        self._read_rows = driver.compile_sized(read_rows)
+        self._lock_rows_query = driver.compile_sized(lambda keys: lock(read_rows(keys)))
+        self._reserve = driver.compile_sized(
+            lambda ids: (
+                update(budget_usage)
+                .where(budget_usage.c.id.in_(ids))
+                .values(
+                    reserved_micros=budget_usage.c.reserved_micros
+                    + bindparam("amount"),
+                    updated_at=bindparam("now"),
+                )
             )
         )
-        self._insert_reservation = reservations.insert()
+        self._insert_reservation = driver.compile(
+            reservations.insert().values(_marks(_RESERVATION_COLUMNS))
+        )
+        self._insert_links = driver.compile(
+            reservation_budgets.insert().values(_marks(("reservation_id", "usage_id")))
+        )
+        self._insert_audit = driver.compile(
+            audit_events.insert().values(_marks(_AUDIT_DEFAULTS))
+        )
         by_id = reservations.c.id == bindparam("p_id")
-        find = select(reservations).where(by_id)
-        self._find_reservation = find.with_for_update() if self._lock_rows else find
-        self._mark_committed = (
+        self._find_reservation = driver.compile(lock(select(reservations).where(by_id)))
+        self._mark_committed = driver.compile(
             update(reservations)
             .where(by_id)
             .values(
@@ -150,21 +217,42 @@ class Ledger:
                 settled_at=bindparam("p_now"),
             )
         )
-        self._mark_released = (
+        self._mark_released = driver.compile(
             update(reservations)
             .where(by_id)
             .values(state="released", charged_micros=0, settled_at=bindparam("p_now"))
         )
+        self._find_expired = driver.compile(
+            select(reservations.c.id)
+            .where(
+                and_(
+                    reservations.c.state == "open",
+                    reservations.c.expires_at < bindparam("p_now"),
+                )
+            )
+            .order_by(reservations.c.expires_at)
+            .limit(bindparam("p_limit"))
+        )
+        self._claim_expired = driver.compile(
+            update(reservations)
+            .where(and_(by_id, reservations.c.state == "open"))
+            .values(state="expired", settled_at=bindparam("p_now"))
+        )
+        self._mark_charged = driver.compile(
+            update(reservations)
+            .where(by_id)
+            .values(charged_micros=bindparam("p_charge"))
+        )
         linked = select(reservation_budgets.c.usage_id).where(
             reservation_budgets.c.reservation_id == bindparam("p_id")
         )
-        self._lock_linked = (
+        self._lock_linked = driver.compile(
             select(budget_usage.c.id)
             .where(budget_usage.c.id.in_(linked))
             .order_by(budget_usage.c.budget_key)
             .with_for_update()
         )
-        self._settle = (
+        self._settle = driver.compile(
             update(budget_usage)
             .where(budget_usage.c.id.in_(linked))
             .values(
@@ -174,8 +262,15 @@ class Ledger:
                 updated_at=bindparam("p_now"),
             )
         )
-        self._insert_links = reservation_budgets.insert()
-        self._insert_audit = audit_events.insert()
+        self._find_check_query = driver.compile(
+            select(audit_events, reservations.c.expires_at)
+            .select_from(
+                audit_events.outerjoin(
+                    reservations, reservations.c.id == audit_events.c.reservation_id
+                )
+            )
+            .where(audit_events.c.check_request_id == bindparam("p_request_id"))
+        )
 
     def check(
         self,
@@ -194,13 +289,13 @@ class Ledger:
         nothing, even when two retries race.
         """
         now = _utc(now)
-        with self._turn, self.engine.connect() as connection:
+        with self._turn:
             try:
                 # No lookup first: a retried request_id is rare, and the unique
                 # request_id columns reject its second reservation and audit row.
-                with connection.begin():
+                with self._driver.transaction() as transaction:
                     return self._check(
-                        connection,
+                        transaction,
                         request_id=request_id,
                         principal=principal,
                         plan=plan,
@@ -211,15 +306,15 @@ class Ledger:
                     )
             except IntegrityError:
                 # A retry, or a concurrent twin, of a request_id already decided.
-                with connection.begin():
-                    stored = self._find_check(connection, request_id, plan, principal)
+                with self._driver.transaction() as transaction:
+                    stored = self._find_check(transaction, request_id, plan, principal)
                 if stored is None:
                     raise
                 return stored
 
     def _check(
         self,
-        connection: Connection,
+        transaction: Transaction,
         *,
         request_id: str,
         principal: Principal,
@@ -231,7 +326,8 @@ class Ledger:
     ) -> CheckRecord:
         # A plan decided before the budgets still reserves when shadow mode allows it.
         reserves = plan.final is None or plan.final.reserves
-        rows = self._lock_budgets(connection, plan.budgets, now, create=reserves)
+        stamp = self._driver.timestamp(now)
+        rows = self._lock_budgets(transaction, plan.budgets, stamp, create=reserves)
         usage = {
             key: Usage(row.spent_micros, row.reserved_micros)
             for key, row in rows.items()
@@ -245,12 +341,13 @@ class Ledger:
             reservation_id = new_reservation_id()
             expires_at = now + reservation_ttl
             amount = candidate.estimate_micros
-            usage_ids = [rows[line.key].id for line in plan.budgets]
+            usage_ids = sorted({rows[line.key].id for line in plan.budgets})
             if usage_ids:
-                connection.execute(
-                    self._reserve, {"ids": usage_ids, "amount": amount, "now": now}
+                transaction.execute(
+                    self._reserve.sized(len(usage_ids)),
+                    {"amount": amount, "now": stamp, **items(usage_ids)},
                 )
-            connection.execute(
+            transaction.execute(
                 self._insert_reservation,
                 {
                     "id": reservation_id,
@@ -262,22 +359,23 @@ class Ledger:
                     "application": principal.application,
                     "model": candidate.model.name,
                     "estimated_micros": amount,
+                    "charged_micros": 0,
                     "input_price_micros": candidate.model.input_price_micros,
                     "cached_input_price_micros": (
                         candidate.model.cached_input_price_micros
                     ),
                     "output_price_micros": candidate.model.output_price_micros,
                     "policy_version": policy_version,
-                    "created_at": now,
-                    "expires_at": expires_at,
+                    "created_at": stamp,
+                    "expires_at": self._driver.timestamp(expires_at),
                 },
             )
             if usage_ids:
-                connection.execute(
+                transaction.execute_many(
                     self._insert_links,
                     [
-                        {"reservation_id": reservation_id, "usage_id": i}
-                        for i in usage_ids
+                        {"reservation_id": reservation_id, "usage_id": usage_id}
+                        for usage_id in usage_ids
                     ],
                 )
             usage = {
@@ -285,33 +383,34 @@ class Ledger:
                 for key, value in usage.items()
             }
 
-        connection.execute(
+        transaction.execute(
             self._insert_audit,
-            dict(
+            {
+                **_AUDIT_DEFAULTS,
                 **_audit_outcome(outcome),
-                occurred_at=now,
-                event="check",
-                request_id=request_id,
-                check_request_id=request_id,
-                reservation_id=reservation_id or None,
-                department=principal.department,
-                team=principal.team,
-                user=principal.user,
-                application=principal.application,
-                policy_version=policy_version,
-                labels=json.dumps(dict(labels), sort_keys=True),
-            ),
+                "occurred_at": stamp,
+                "event": "check",
+                "request_id": request_id,
+                "check_request_id": request_id,
+                "reservation_id": reservation_id or None,
+                "department": principal.department,
+                "team": principal.team,
+                "user": principal.user,
+                "application": principal.application,
+                "policy_version": policy_version,
+                "labels": json.dumps(dict(labels), sort_keys=True),
+            },
         )
         return _record(outcome, policy_version, reservation_id, expires_at, usage)
 
     def _lock_budgets(
         self,
-        connection: Connection,
+        transaction: Transaction,
         lines: Sequence[BudgetLine],
-        now: datetime,
+        stamp: Any,
         *,
         create: bool,
-    ) -> dict[str, Row[Any, Any, Any, Any]]:
+    ) -> dict[str, Any]:
         """Create missing rows for `lines`, then lock and read them in key order.
 
         Rows are created and locked in key order, so two transactions never
@@ -322,22 +421,19 @@ class Ledger:
         ordered = sorted(
             {line.key: line for line in lines}.values(), key=lambda line: line.key
         )
-        keys = {"keys": [line.key for line in ordered]}
-        if not create:
-            return {
-                row.budget_key: row for row in connection.execute(self._read_rows, keys)
-            }
-        if not self._lock_rows:
+        keys = items([line.key for line in ordered])
+        if not create or not self._lock_rows:
             # SQLite: this transaction holds the database write lock, so rows
             # read now cannot change; create rows only when some are missing.
             found = {
-                row.budget_key: row for row in connection.execute(self._read_rows, keys)
+                row.budget_key: row
+                for row in transaction.rows(self._read_rows.sized(len(keys)), keys)
             }
-            if len(found) == len(ordered):
+            if not create or len(found) == len(ordered):
                 return found
         # Create in key order, then lock in key order: two transactions creating
         # the same new rows wait on each other in one order, never deadlock.
-        connection.execute(
+        transaction.execute_many(
             self._create_rows,
             [
                 {
@@ -349,18 +445,18 @@ class Ledger:
                     "window": line.window,
                     "spent_micros": 0,
                     "reserved_micros": 0,
-                    "created_at": now,
-                    "updated_at": now,
+                    "created_at": stamp,
+                    "updated_at": stamp,
                 }
                 for line in ordered
             ],
         )
-        rows = connection.execute(self._lock_rows_query, keys)
+        rows = transaction.rows(self._lock_rows_query.sized(len(keys)), keys)
         return {row.budget_key: row for row in rows}
 
     def _find_check(
         self,
-        connection: Connection,
+        transaction: Transaction,
         request_id: str,
         plan: Plan,
         principal: Principal,
@@ -370,15 +466,7 @@ class Ledger:
         Raises ConflictError when the stored request names another principal
         or model, because its response and reservation belong to that request.
         """
-        row = connection.execute(
-            select(audit_events, reservations.c.expires_at)
-            .select_from(
-                audit_events.outerjoin(
-                    reservations, reservations.c.id == audit_events.c.reservation_id
-                )
-            )
-            .where(audit_events.c.check_request_id == request_id)
-        ).first()
+        row = transaction.first(self._find_check_query, {"p_request_id": request_id})
         if row is None:
             return None
         stored = (row.department, row.team, row.user, row.application)
@@ -393,7 +481,7 @@ class Ledger:
                 f"request_id {request_id!r} was already used for another principal "
                 "or model; send a new request_id for a new request"
             )
-        usage = self.read_usage(plan.budgets, connection=connection)
+        usage = self._read_usage(transaction, [line.key for line in plan.budgets])
         shadow = row.shadow_decision
         return CheckRecord(
             decision=Decision(row.decision),
@@ -409,7 +497,7 @@ class Ledger:
             input_tokens_estimated=bool(row.input_tokens_estimated),
             max_output_tokens=row.max_output_tokens or 0,
             shadow_decision=None if shadow is None else Decision(shadow),
-            expires_at=_aware(row.expires_at),
+            expires_at=_aware(self._driver.read_timestamp(row.expires_at)),
             usage=usage,
             replayed=True,
         )
@@ -420,23 +508,21 @@ class Ledger:
             connection.execute(select(1))
             connection.rollback()
 
-    def read_usage(
-        self, lines: Iterable[BudgetLine], *, connection: Connection | None = None
-    ) -> dict[str, Usage]:
+    def read_usage(self, lines: Iterable[BudgetLine]) -> dict[str, Usage]:
         """Read the usage of budget lines without locking; absent rows are empty."""
         keys = [line.key for line in lines]
         if not keys:
             return {}
-        query = select(
-            budget_usage.c.budget_key,
-            budget_usage.c.spent_micros,
-            budget_usage.c.reserved_micros,
-        ).where(budget_usage.c.budget_key.in_(keys))
-        if connection is not None:
-            rows = connection.execute(query).all()
-        else:
-            with self._turn, self.engine.connect() as own:
-                rows = own.execute(query).all()
+        with self._turn, self._driver.transaction() as transaction:
+            return self._read_usage(transaction, keys)
+
+    def _read_usage(
+        self, transaction: Transaction, keys: Sequence[str]
+    ) -> dict[str, Usage]:
+        unique = sorted(set(keys))
+        if not unique:
+            return {}
+        rows = transaction.rows(self._read_rows.sized(len(unique)), items(unique))
         found = {
             row.budget_key: Usage(row.spent_micros, row.reserved_micros) for row in rows
         }
@@ -458,9 +544,9 @@ class Ledger:
         ConflictError. A Commit after
         expiry still records the spend and corrects what expiry charged.
         """
-        now = _utc(now)
-        with self._turn, self.engine.begin() as connection:
-            row = self._reservation(connection, reservation_id)
+        stamp = self._driver.timestamp(_utc(now))
+        with self._turn, self._driver.transaction() as transaction:
+            row = self._reservation(transaction, reservation_id)
             if row.state == "committed":
                 usage = (row.input_tokens, row.cached_input_tokens, row.output_tokens)
                 reported = (input_tokens, cached_input_tokens, output_tokens)
@@ -486,8 +572,8 @@ class Ledger:
             )
             held = row.estimated_micros if row.state == "open" else 0
             spent_delta = cost - row.charged_micros
-            self._move(connection, reservation_id, -held, spent_delta, now)
-            connection.execute(
+            self._move(transaction, reservation_id, -held, spent_delta, stamp)
+            transaction.execute(
                 self._mark_committed,
                 {
                     "p_id": reservation_id,
@@ -495,15 +581,15 @@ class Ledger:
                     "p_input": input_tokens,
                     "p_cached": cached_input_tokens,
                     "p_output": output_tokens,
-                    "p_now": now,
+                    "p_now": stamp,
                 },
             )
             overage = max(0, cost - row.estimated_micros)
             self._audit_settlement(
-                connection,
+                transaction,
                 row,
                 event="commit",
-                now=now,
+                stamp=stamp,
                 actual_micros=cost,
                 overage_micros=overage,
                 tokens=(input_tokens, cached_input_tokens, output_tokens),
@@ -518,9 +604,9 @@ class Ledger:
         Releasing an expired reservation refunds what expiry charged, because
         the application reports that the model call did not happen.
         """
-        now = _utc(now)
-        with self._turn, self.engine.begin() as connection:
-            row = self._reservation(connection, reservation_id)
+        stamp = self._driver.timestamp(_utc(now))
+        with self._turn, self._driver.transaction() as transaction:
+            row = self._reservation(transaction, reservation_id)
             if row.state == "released":
                 return ReleaseRecord(row.estimated_micros, True)
             if row.state == "committed":
@@ -529,11 +615,11 @@ class Ledger:
                 )
             # An expired reservation may have been charged; releasing it refunds that.
             held = row.estimated_micros if row.state == "open" else 0
-            self._move(connection, reservation_id, -held, -row.charged_micros, now)
-            connection.execute(
-                self._mark_released, {"p_id": reservation_id, "p_now": now}
+            self._move(transaction, reservation_id, -held, -row.charged_micros, stamp)
+            transaction.execute(
+                self._mark_released, {"p_id": reservation_id, "p_now": stamp}
             )
-            self._audit_settlement(connection, row, event="release", now=now)
+            self._audit_settlement(transaction, row, event="release", stamp=stamp)
         return ReleaseRecord(row.estimated_micros, False)
 
     def expire(
@@ -544,104 +630,84 @@ class Ledger:
         Each reservation is settled in its own transaction by a conditional
         update on its state, so replicas sweeping at once never settle one twice.
         """
-        now = _utc(now)
-        with self._turn, self.engine.connect() as connection:
-            expired_ids = (
-                connection.execute(
-                    select(reservations.c.id)
-                    .where(
-                        and_(
-                            reservations.c.state == "open",
-                            reservations.c.expires_at < now,
-                        )
-                    )
-                    .order_by(reservations.c.expires_at)
-                    .limit(limit)
+        stamp = self._driver.timestamp(_utc(now))
+        with self._turn, self._driver.transaction() as transaction:
+            expired_ids = [
+                row.id
+                for row in transaction.rows(
+                    self._find_expired, {"p_now": stamp, "p_limit": limit}
                 )
-                .scalars()
-                .all()
-            )
-            connection.rollback()
+            ]
 
         settled = 0
         for reservation_id in expired_ids:
-            with self._turn, self.engine.begin() as connection:
-                claimed = connection.execute(
-                    update(reservations)
-                    .where(
-                        and_(
-                            reservations.c.id == reservation_id,
-                            reservations.c.state == "open",
-                        )
-                    )
-                    .values(state="expired", settled_at=now)
+            with self._turn, self._driver.transaction() as transaction:
+                claimed = transaction.execute(
+                    self._claim_expired, {"p_id": reservation_id, "p_now": stamp}
                 )
-                if claimed.rowcount != 1:
+                if claimed != 1:
                     continue
-                row = self._reservation(connection, reservation_id)
+                row = self._reservation(transaction, reservation_id)
                 charge = row.estimated_micros if action is ExpiryAction.CHARGE else 0
                 self._move(
-                    connection, reservation_id, -row.estimated_micros, charge, now
+                    transaction, reservation_id, -row.estimated_micros, charge, stamp
                 )
                 if charge:
-                    connection.execute(
-                        update(reservations)
-                        .where(reservations.c.id == reservation_id)
-                        .values(charged_micros=charge)
+                    transaction.execute(
+                        self._mark_charged, {"p_id": reservation_id, "p_charge": charge}
                     )
                 self._audit_settlement(
-                    connection, row, event="expire", now=now, actual_micros=charge
+                    transaction, row, event="expire", stamp=stamp, actual_micros=charge
                 )
                 settled += 1
         return settled
 
-    def _reservation(self, connection: Connection, reservation_id: str) -> Row[Any]:
-        row = connection.execute(
-            self._find_reservation, {"p_id": reservation_id}
-        ).first()
+    def _reservation(self, transaction: Transaction, reservation_id: str) -> Any:
+        row = transaction.first(self._find_reservation, {"p_id": reservation_id})
         if row is None:
             raise NotFoundError(f"reservation {reservation_id!r} not found")
         return row
 
     def _move(
         self,
-        connection: Connection,
+        transaction: Transaction,
         reservation_id: str,
         reserved_delta: int,
         spent_delta: int,
-        now: datetime,
+        stamp: Any,
     ) -> None:
         """Add the deltas to every budget row the reservation has money on."""
         if self._lock_rows:
             # Lock in budget_key order, the order Check locks in; an UPDATE
             # alone locks in physical order, and the two orders deadlock.
-            connection.execute(self._lock_linked, {"p_id": reservation_id}).all()
-        connection.execute(
+            transaction.rows(self._lock_linked, {"p_id": reservation_id})
+        transaction.execute(
             self._settle,
             {
                 "p_id": reservation_id,
                 "p_reserved": reserved_delta,
                 "p_spent": spent_delta,
-                "p_now": now,
+                "p_now": stamp,
             },
         )
 
     def _audit_settlement(
         self,
-        connection: Connection,
-        row: Row[Any],
+        transaction: Transaction,
+        row: Any,
         *,
         event: str,
-        now: datetime,
+        stamp: Any,
         actual_micros: int | None = None,
         overage_micros: int | None = None,
         tokens: tuple[int, int, int] | None = None,
     ) -> None:
         input_tokens, cached, output = tokens if tokens else (None, None, None)
-        connection.execute(
+        transaction.execute(
             self._insert_audit,
             {
-                "occurred_at": now,
+                **_AUDIT_DEFAULTS,
+                "occurred_at": stamp,
                 "event": event,
                 "request_id": row.request_id,
                 "reservation_id": row.id,
@@ -651,10 +717,6 @@ class Ledger:
                 "application": row.application,
                 "requested_model": row.model,
                 "effective_model": row.model,
-                "decision": "",
-                "reason_code": "",
-                "rule": "",
-                "message": "",
                 "policy_version": row.policy_version,
                 "input_tokens": input_tokens,
                 "cached_input_tokens": cached,
