@@ -997,3 +997,20 @@ def test_values_beyond_ledger_rejected(
         problem.path.endswith(path) and "must be at most" in problem.message
         for problem in result.errors
     ), [str(problem) for problem in result.errors]
+
+
+def test_too_many_budgets_rejected(tmp_path: Path) -> None:
+    budgets = "".join(
+        f"  - {{name: b{index}, period: day, limit_usd: 1}}\n" for index in range(101)
+    )
+    department = (
+        "apiVersion: spendgate/v1\nkind: Department\nname: big\nbudgets:\n" + budgets
+    )
+    directory = write_policy(tmp_path, {"big.yaml": department})
+
+    result = read_policy(directory)
+
+    assert result.policy is None
+    assert [
+        problem.message for problem in result.errors if problem.path == "budgets"
+    ] == ["must have at most 100 items, got 101"]

@@ -24,6 +24,10 @@ DURATION_PATTERN = r"^[1-9][0-9]{0,5}(s|m|h|d)$"
 MAX_USD = Decimal(10) ** 12
 MAX_PRICE_USD = Decimal(1_000_000)
 MAX_TOKENS = Decimal(10) ** 9
+# Budgets of one department or team. A Check writes all the budgets that
+# apply to it in one statement, and this keeps its parameters far below
+# SQLite's limit of 32,766.
+MAX_BUDGETS = 100
 
 
 class Shape:
@@ -175,16 +179,24 @@ class ListOf(Shape):
 
     item: Shape
     description: str = ""
+    max_items: int | None = None
 
     def check(self, value: Any, path: PathKey, report: Reporter) -> None:
         if not isinstance(value, list):
             report.error(path, f"must be a list, got {_show(value)}")
             return
+        if self.max_items is not None and len(value) > self.max_items:
+            report.error(
+                path, f"must have at most {self.max_items} items, got {len(value)}"
+            )
         for index, item in enumerate(value):
             self.item.check(item, (*path, index), report)
 
     def json_schema(self) -> dict[str, Any]:
-        return self._describe({"type": "array", "items": self.item.json_schema()})
+        schema: dict[str, Any] = {"type": "array", "items": self.item.json_schema()}
+        if self.max_items is not None:
+            schema["maxItems"] = self.max_items
+        return self._describe(schema)
 
 
 @dataclass(slots=True)
@@ -352,7 +364,7 @@ def _budget(default_per: str) -> Object:
 TEAM = Object(
     {
         "name": Key(NAME, required=True),
-        "budgets": Key(ListOf(_budget("team"))),
+        "budgets": Key(ListOf(_budget("team"), max_items=MAX_BUDGETS)),
         "models": Key(MODEL_RULES),
         "limits": Key(LIMITS),
     }
@@ -433,7 +445,7 @@ DEPARTMENT = Object(
         "models": Key(MODEL_RULES),
         "downgrades": Key(MapOf(MODEL_NAME, MODEL_NAME)),
         "limits": Key(LIMITS),
-        "budgets": Key(ListOf(_budget("department"))),
+        "budgets": Key(ListOf(_budget("department"), max_items=MAX_BUDGETS)),
         "teams": Key(ListOf(TEAM)),
     }
 )
