@@ -13,17 +13,29 @@ from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, literal, literal_column, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import (
+    Column,
+    Engine,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    literal,
+    literal_column,
+    select,
+    text,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from conftest import START, PolicyWriter, ServeFactory
 from spendgate import evaluator
 from spendgate.evaluator import Decision, Reason
 from spendgate.ledger import CheckRecord, Ledger, Principal, check_schema, create_engine
-from spendgate.ledger._driver import Driver
+from spendgate.ledger._driver import Driver, Transaction
 from spendgate.ledger._tables import audit_events, reservations
 from spendgate.policy import ExpiryAction, Policy, Scope, load_policy
 from spendgate.v1 import spendgate_pb2 as pb
+from support import wait_for
 
 # More threads than the server's 16 workers and the engine's 20 connections,
 # so requests also queue for both.
@@ -406,3 +418,84 @@ def test_migrate_postgres_schema(postgres_url: str) -> None:
         "reservation_budgets",
         "reservations",
     } <= tables
+
+
+UNITS = Table("units", MetaData(), Column("name", String(20), primary_key=True))
+
+
+class Held:
+    """A unit of work that writes one row, then holds its group until released."""
+
+    def __init__(self, driver: Driver, name: str) -> None:
+        self.insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
+        self.name = name
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, transaction: Transaction) -> str:
+        transaction.execute(self.insert, {"name": self.name})
+        self.entered.set()
+        assert self.release.wait(timeout=30)
+        return self.name
+
+
+def run_grouped(
+    sqlite_url: str, names: list[str]
+) -> tuple[Driver, list[str | BaseException]]:
+    """Hold a group open with a first unit, queue one unit per name, then let go.
+
+    The queued units all wait while the first group runs, so they meet in
+    the next group. Returns the driver and each queued unit's result or error.
+    """
+    engine = create_engine(sqlite_url)
+    UNITS.metadata.create_all(engine)
+    driver = Driver(engine)
+    insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
+    held = Held(driver, "first")
+    outcomes: list[str | BaseException] = [""] * len(names)
+
+    def queue(index: int) -> None:
+        name = names[index]
+        try:
+            outcomes[index] = driver.run(
+                lambda transaction: transaction.execute(insert, {"name": name}) and name
+            )
+        except BaseException as error:
+            outcomes[index] = error
+
+    with ThreadPoolExecutor(max_workers=len(names) + 1) as pool:
+        first = pool.submit(driver.run, held)
+        assert held.entered.wait(timeout=30)
+        queued = [pool.submit(queue, index) for index in range(len(names))]
+        wait_for(lambda: driver.group_counts().queued == len(names), "units to queue")
+        held.release.set()
+        assert first.result(timeout=30) == "first"
+        for future in queued:
+            future.result(timeout=30)
+    return driver, outcomes
+
+
+def stored_units(driver: Driver) -> list[str]:
+    with driver.engine.connect() as connection:
+        names = connection.execute(select(UNITS.c.name).order_by(UNITS.c.name))
+        found = list(names.scalars())
+        connection.rollback()
+    return found
+
+
+def test_group_commit_shares_one_transaction(sqlite_url: str) -> None:
+    driver, outcomes = run_grouped(sqlite_url, ["b", "c", "d"])
+
+    assert outcomes == ["b", "c", "d"]
+    assert driver.group_counts() == (2, 4, 0)
+    assert stored_units(driver) == ["b", "c", "d", "first"]
+
+
+def test_group_commit_undoes_only_the_failing_unit(sqlite_url: str) -> None:
+    driver, outcomes = run_grouped(sqlite_url, ["b", "first", "d"])
+
+    assert outcomes[0] == "b"
+    assert isinstance(outcomes[1], IntegrityError)
+    assert outcomes[2] == "d"
+    assert driver.group_counts() == (2, 4, 0)
+    assert stored_units(driver) == ["b", "d", "first"]

@@ -11,22 +11,27 @@ exception classes, so callers handle one family of errors on every path.
 
 from __future__ import annotations
 
-from collections import namedtuple
+import threading
+from collections import deque, namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from sqlalchemy import Engine, Select, bindparam
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from spendgate.ledger._tables import Timestamp
 
 Values = Mapping[str, Any]
+T = TypeVar("T")
+
+# Maximum units of work in one SQLite transaction. Later units wait for the next.
+MAX_GROUP = 64
 
 
 class Statement:
@@ -38,8 +43,8 @@ class Statement:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         self.sql = compiled.string
-        # qmark drivers (sqlite3) take a tuple in this order; pyformat drivers
-        # (psycopg) take the mapping itself.
+        # qmark drivers (sqlite3) take a tuple in this order, and pyformat
+        # drivers (psycopg) take the mapping itself.
         self._names: tuple[str, ...] | None = (
             tuple(compiled.positiontup or ()) if compiled.positional else None
         )
@@ -70,57 +75,90 @@ class Statement:
 
 
 class SizedStatements:
-    """A statement with an IN list, compiled once for each list length used."""
+    """A statement with a list of parameters, compiled once for each length used.
+
+    `build(size)` returns the statement for `size` items: an IN list of
+    in_list(size), or the rows of VALUES of values_rows(columns, size).
+    """
 
     __slots__ = ("_build", "_by_size", "_dialect")
 
-    def __init__(
-        self,
-        build: Callable[[Sequence[ColumnElement[Any]]], ClauseElement],
-        dialect: Dialect,
-    ) -> None:
+    def __init__(self, build: Callable[[int], ClauseElement], dialect: Dialect) -> None:
         self._build = build
         self._dialect = dialect
         self._by_size: dict[int, Statement] = {}
 
     def sized(self, size: int) -> Statement:
-        """Return the statement whose IN list has `size` parameters item0...."""
+        """Return the statement for `size` items."""
         found = self._by_size.get(size)
         if found is None:
-            marks: list[ColumnElement[Any]] = [
-                bindparam(f"item{index}") for index in range(size)
-            ]
-            found = self._by_size[size] = Statement(self._build(marks), self._dialect)
+            found = self._by_size[size] = Statement(self._build(size), self._dialect)
         return found
 
 
+def in_list(size: int) -> list[ColumnElement[Any]]:
+    """Return the parameters of an IN list of `size` items, for items()."""
+    return [bindparam(f"item{index}") for index in range(size)]
+
+
 def items(values: Sequence[Any]) -> dict[str, Any]:
-    """Name the values of an IN list as SizedStatements numbers them."""
+    """Name the values of an IN list as in_list() numbers them."""
     return {f"item{index}": value for index, value in enumerate(values)}
+
+
+def values_rows(
+    columns: Sequence[str], size: int
+) -> list[dict[str, BindParameter[Any]]]:
+    """Return `size` rows of parameters for a multi-row VALUES, for numbered()."""
+    return [
+        {column: bindparam(f"{column}_{index}") for column in columns}
+        for index in range(size)
+    ]
+
+
+def numbered(rows: Sequence[Values]) -> dict[str, Any]:
+    """Name the values of each row as values_rows() numbers them."""
+    return {
+        f"{column}_{index}": value
+        for index, row in enumerate(rows)
+        for column, value in row.items()
+    }
 
 
 class Transaction:
     """A transaction on one pooled DBAPI connection."""
 
-    __slots__ = ("_cursor", "statement")
+    __slots__ = ("_connection", "_cursor", "statement")
 
-    def __init__(self, cursor: Any) -> None:
+    def __init__(self, connection: Any, cursor: Any) -> None:
+        self._connection = connection
         self._cursor = cursor
         # The statement running, named in the error if it fails.
         self.statement = ""
 
+    @property
+    def active(self) -> bool:
+        """Whether the transaction is still open (SQLite ends it on some errors)."""
+        return bool(self._connection.in_transaction)
+
+    def savepoint(self) -> None:
+        """Mark a point that rollback_to() returns to."""
+        self._cursor.execute("SAVEPOINT job")
+
+    def release(self) -> None:
+        """Keep the work done since savepoint()."""
+        self._cursor.execute("RELEASE job")
+
+    def rollback_to(self) -> None:
+        """Undo the work done since savepoint(), and keep the rest."""
+        self._cursor.execute("ROLLBACK TO job")
+        self._cursor.execute("RELEASE job")
+
     def execute(self, statement: Statement, values: Values) -> int:
-        """Run `statement`; return the number of rows it changed."""
+        """Run `statement` and return the number of rows it changed."""
         self.statement = statement.sql
         self._cursor.execute(statement.sql, statement.parameters(values))
         return int(self._cursor.rowcount)
-
-    def execute_many(self, statement: Statement, rows: Sequence[Values]) -> None:
-        """Run `statement` once for each mapping in `rows`."""
-        self.statement = statement.sql
-        self._cursor.executemany(
-            statement.sql, [statement.parameters(row) for row in rows]
-        )
 
     def rows(self, statement: Statement, values: Values) -> list[Any]:
         """Run a SELECT and return every row."""
@@ -137,12 +175,17 @@ class Transaction:
 class Driver:
     """Open transactions on an engine's pool, bypassing SQLAlchemy's Connection."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, max_group: int = MAX_GROUP) -> None:
         self.engine = engine
         self.dialect = engine.dialect
         self._errors: type[Exception] = engine.dialect.loaded_dbapi.Error
+        sqlite = self.dialect.name == "sqlite"
         # SQLite: take the write lock before the first read (see create_engine).
-        self._begin = "BEGIN IMMEDIATE" if self.dialect.name == "sqlite" else None
+        self._begin = "BEGIN IMMEDIATE" if sqlite else None
+        # SQLite has one writer at a time, so this process's units of work
+        # queue here and share transactions (group commit). PostgreSQL runs
+        # each in its own transaction, in parallel, under row locks.
+        self._group = _GroupCommit(self, max_group) if sqlite else None
         # The form SQLAlchemy writes timestamps in: a string on SQLite, so rows
         # written here read back the same through SQLAlchemy.
         timestamp = Timestamp.dialect_impl(self.dialect)
@@ -157,30 +200,45 @@ class Driver:
         """Compile `statement` for this engine's dialect."""
         return Statement(statement, self.dialect)
 
-    def compile_sized(
-        self, build: Callable[[Sequence[ColumnElement[Any]]], ClauseElement]
-    ) -> SizedStatements:
-        """Compile `build(marks)` for each IN-list length when first used."""
+    def compile_sized(self, build: Callable[[int], ClauseElement]) -> SizedStatements:
+        """Compile `build(size)` for each length when first used."""
         return SizedStatements(build, self.dialect)
+
+    def run(self, work: Callable[[Transaction], T]) -> T:
+        """Run `work` in a transaction and return its result once committed.
+
+        On SQLite, the work of threads that call at the same time runs in one
+        transaction, each unit under its own savepoint: a unit that raises is
+        undone alone and its caller gets the exception, the others commit
+        together. A failed commit fails every unit of the transaction.
+        """
+        if self._group is not None:
+            return self._group.run(work)
+        with self.transaction() as transaction:
+            return work(transaction)
+
+    def group_counts(self) -> GroupCounts:
+        """Return how many transactions and units group commit has run so far."""
+        return GroupCounts(0, 0, 0) if self._group is None else self._group.counts()
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """Run the block in one transaction: commit at its end, roll back on error.
 
-        A driver error leaves as the matching sqlalchemy.exc class (for example
-        IntegrityError or OperationalError); a connection the error broke is
-        dropped from the pool.
+        A driver error is raised as the matching sqlalchemy.exc class, for
+        example IntegrityError or OperationalError. A connection the error
+        broke is dropped from the pool.
         """
         try:
             connection = self.engine.raw_connection()
         except self._errors as error:
-            raise self._translate(error, "", False) from error
+            raise self.translate(error, "", False) from error
         transaction: Transaction | None = None
         try:
             cursor = connection.cursor()
             if self._begin is not None:
                 cursor.execute(self._begin)
-            transaction = Transaction(cursor)
+            transaction = Transaction(connection, cursor)
             yield transaction
             connection.commit()
         except self._errors as error:
@@ -189,26 +247,151 @@ class Driver:
             if broken:
                 connection.invalidate(error)
             statement = transaction.statement if transaction else ""
-            raise self._translate(error, statement, broken) from error
+            raise self.translate(error, statement, broken) from error
         except BaseException:
             _rollback(connection, self._errors)
             raise
         finally:
             connection.close()
 
-    def _translate(
-        self, error: Exception, statement: str, broken: bool
+    @property
+    def errors(self) -> type[Exception]:
+        """The driver's base exception class."""
+        return self._errors
+
+    def translate(
+        self, error: Exception, statement: str, broken: bool = False
     ) -> StatementError:
+        """Return the sqlalchemy.exc error that matches a driver error."""
         return DBAPIError.instance(
             statement,
             None,
             error,
             self._errors,
-            # Parameters hold principals and labels; errors name the statement only.
+            # Parameters contain principals and labels: errors name the SQL only.
             hide_parameters=True,
             connection_invalidated=broken,
             dialect=self.dialect,
         )
+
+
+class GroupCounts(NamedTuple):
+    """Work done by group commit since the driver was created."""
+
+    transactions: int
+    units: int
+    # Units waiting for a later transaction than the one running now.
+    queued: int
+
+
+class _Unit(Generic[T]):
+    """One caller's work waiting in the group commit queue."""
+
+    __slots__ = ("error", "lead", "ready", "result", "work")
+
+    def __init__(self, work: Callable[[Transaction], T]) -> None:
+        self.work = work
+        self.ready = threading.Event()
+        # Set when this caller is to run the next group for everyone queued.
+        self.lead = False
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+class _GroupCommit:
+    """Run the units of work of concurrent callers in shared SQLite transactions.
+
+    The first caller to find no group running becomes the leader: it takes
+    every queued unit (up to `max_group`), runs them in one transaction and
+    commits once. Callers arriving meanwhile queue; when the group ends, the
+    first of them leads the next group. Each commit writes its pages to the
+    write-ahead log once for the whole group instead of once per unit.
+    """
+
+    def __init__(self, driver: Driver, max_group: int) -> None:
+        self._driver = driver
+        self._max_group = max_group
+        self._lock = threading.Lock()
+        self._queue: deque[_Unit[Any]] = deque()
+        self._running = False
+        self._transactions = 0
+        self._units = 0
+
+    def counts(self) -> GroupCounts:
+        with self._lock:
+            return GroupCounts(self._transactions, self._units, len(self._queue))
+
+    def run(self, work: Callable[[Transaction], T]) -> T:
+        unit = _Unit(work)
+        with self._lock:
+            self._queue.append(unit)
+            lead = not self._running
+            self._running = True
+        if not lead:
+            unit.ready.wait()
+            if not unit.lead:
+                return unit.outcome()
+        self._lead()
+        return unit.outcome()
+
+    def _lead(self) -> None:
+        with self._lock:
+            group = [
+                self._queue.popleft()
+                for _ in range(min(self._max_group, len(self._queue)))
+            ]
+        try:
+            self._run_group(group)
+        finally:
+            with self._lock:
+                self._transactions += 1
+                self._units += len(group)
+                following = self._queue[0] if self._queue else None
+                self._running = following is not None
+            for unit in group:
+                unit.ready.set()
+            if following is not None:
+                following.lead = True
+                following.ready.set()
+
+    def _run_group(self, group: list[_Unit[Any]]) -> None:
+        driver = self._driver
+        try:
+            with driver.transaction() as transaction:
+                if len(group) == 1:
+                    group[0].result = group[0].work(transaction)
+                    return
+                for unit in group:
+                    self._run_unit(transaction, unit)
+        except BaseException as error:
+            # BEGIN, a broken transaction or the commit failed: nothing of
+            # the group was written, so every unit reports the failure.
+            for unit in group:
+                unit.error = error
+                unit.result = None
+
+    def _run_unit(self, transaction: Transaction, unit: _Unit[Any]) -> None:
+        transaction.savepoint()
+        try:
+            unit.result = unit.work(transaction)
+        except Exception as error:
+            if not transaction.active:
+                # SQLite rolled back the whole transaction (a full disk, an
+                # I/O error): the group cannot go on.
+                raise
+            transaction.rollback_to()
+            unit.error = (
+                self._driver.translate(error, transaction.statement)
+                if isinstance(error, self._driver.errors)
+                else error
+            )
+        else:
+            transaction.release()
 
 
 def _rollback(connection: Any, errors: type[Exception]) -> None:

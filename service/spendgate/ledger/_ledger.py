@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, bindparam, func, select, update
+from sqlalchemy import (
+    Engine,
+    Select,
+    and_,
+    bindparam,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
@@ -26,7 +34,14 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from spendgate import evaluator
 from spendgate.errors import ConflictError, NotFoundError
 from spendgate.evaluator import BudgetLine, Decision, Outcome, Plan, Reason, Usage
-from spendgate.ledger._driver import Driver, Transaction, items
+from spendgate.ledger._driver import (
+    Driver,
+    Transaction,
+    in_list,
+    items,
+    numbered,
+    values_rows,
+)
 from spendgate.ledger._tables import (
     audit_events,
     budget_usage,
@@ -152,21 +167,18 @@ class Ledger:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         # SQLite's write lock covers the whole database; FOR UPDATE is for PostgreSQL.
         self._lock_rows = dialect == "postgresql"
-        # Every SQLite transaction here takes the database write lock. Waiting
-        # for it in SQLite's busy handler means sleeping in steps of up to
-        # 100 ms, so the threads of one process queue on a Python lock, which
-        # wakes the next one at once. Other processes still meet busy_timeout.
-        self._turn: AbstractContextManager[object] = (
-            threading.Lock() if dialect == "sqlite" else nullcontext()
-        )
 
         def lock(query: Select[Any]) -> Select[Any]:
             return query.with_for_update() if self._lock_rows else query
 
-        self._create_rows = driver.compile(
-            insert(budget_usage)
-            .values(_marks(_USAGE_COLUMNS))
-            .on_conflict_do_nothing(index_elements=["budget_key"])
+        # One multi-row INSERT per call. In the server, psycopg's executemany
+        # took 0.38 ms a call, and one statement takes about 0.15 ms.
+        self._create_rows = driver.compile_sized(
+            lambda size: (
+                insert(budget_usage)
+                .values(values_rows(_USAGE_COLUMNS, size))
+                .on_conflict_do_nothing(index_elements=["budget_key"])
+            )
         )
 
         def read_rows(keys: Sequence[ColumnElement[Any]]) -> Select[Any]:
@@ -181,12 +193,14 @@ class Ledger:
                 .order_by(budget_usage.c.budget_key)
             )
 
-        self._read_rows = driver.compile_sized(read_rows)
-        self._lock_rows_query = driver.compile_sized(lambda keys: lock(read_rows(keys)))
+        self._read_rows = driver.compile_sized(lambda size: read_rows(in_list(size)))
+        self._lock_rows_query = driver.compile_sized(
+            lambda size: lock(read_rows(in_list(size)))
+        )
         self._reserve = driver.compile_sized(
-            lambda ids: (
+            lambda size: (
                 update(budget_usage)
-                .where(budget_usage.c.id.in_(ids))
+                .where(budget_usage.c.id.in_(in_list(size)))
                 .values(
                     reserved_micros=budget_usage.c.reserved_micros
                     + bindparam("amount"),
@@ -197,8 +211,10 @@ class Ledger:
         self._insert_reservation = driver.compile(
             reservations.insert().values(_marks(_RESERVATION_COLUMNS))
         )
-        self._insert_links = driver.compile(
-            reservation_budgets.insert().values(_marks(("reservation_id", "usage_id")))
+        self._insert_links = driver.compile_sized(
+            lambda size: reservation_budgets.insert().values(
+                values_rows(("reservation_id", "usage_id"), size)
+            )
         )
         self._insert_audit = driver.compile(
             audit_events.insert().values(_marks(_AUDIT_DEFAULTS))
@@ -262,6 +278,7 @@ class Ledger:
                 updated_at=bindparam("p_now"),
             )
         )
+        self._ping = driver.compile(select(literal(1).label("one")))
         self._find_check_query = driver.compile(
             select(audit_events, reservations.c.expires_at)
             .select_from(
@@ -289,28 +306,31 @@ class Ledger:
         nothing, even when two retries race.
         """
         now = _utc(now)
-        with self._turn:
-            try:
-                # No lookup first: a retried request_id is rare, and the unique
-                # request_id columns reject its second reservation and audit row.
-                with self._driver.transaction() as transaction:
-                    return self._check(
-                        transaction,
-                        request_id=request_id,
-                        principal=principal,
-                        plan=plan,
-                        policy_version=policy_version,
-                        reservation_ttl=reservation_ttl,
-                        labels=labels,
-                        now=now,
-                    )
-            except IntegrityError:
-                # A retry, or a concurrent twin, of a request_id already decided.
-                with self._driver.transaction() as transaction:
-                    stored = self._find_check(transaction, request_id, plan, principal)
-                if stored is None:
-                    raise
-                return stored
+        try:
+            # No lookup first: a retried request_id is rare, and the unique
+            # request_id columns reject its second reservation and audit row.
+            return self._driver.run(
+                lambda transaction: self._check(
+                    transaction,
+                    request_id=request_id,
+                    principal=principal,
+                    plan=plan,
+                    policy_version=policy_version,
+                    reservation_ttl=reservation_ttl,
+                    labels=labels,
+                    now=now,
+                )
+            )
+        except IntegrityError:
+            # A retry, or a concurrent twin, of a request_id already decided.
+            stored = self._driver.run(
+                lambda transaction: self._find_check(
+                    transaction, request_id, plan, principal
+                )
+            )
+            if stored is None:
+                raise
+            return stored
 
     def _check(
         self,
@@ -371,12 +391,14 @@ class Ledger:
                 },
             )
             if usage_ids:
-                transaction.execute_many(
-                    self._insert_links,
-                    [
-                        {"reservation_id": reservation_id, "usage_id": usage_id}
-                        for usage_id in usage_ids
-                    ],
+                transaction.execute(
+                    self._insert_links.sized(len(usage_ids)),
+                    numbered(
+                        [
+                            {"reservation_id": reservation_id, "usage_id": usage_id}
+                            for usage_id in usage_ids
+                        ]
+                    ),
                 )
             usage = {
                 key: Usage(value.spent_micros, value.reserved_micros + amount)
@@ -433,23 +455,25 @@ class Ledger:
                 return found
         # Create in key order, then lock in key order: two transactions creating
         # the same new rows wait on each other in one order, never deadlock.
-        transaction.execute_many(
-            self._create_rows,
-            [
-                {
-                    "budget_key": line.key,
-                    "rule": line.budget.rule,
-                    "scope": line.scope.value,
-                    "subject": line.subject,
-                    "period": line.budget.period.value,
-                    "window": line.window,
-                    "spent_micros": 0,
-                    "reserved_micros": 0,
-                    "created_at": stamp,
-                    "updated_at": stamp,
-                }
-                for line in ordered
-            ],
+        transaction.execute(
+            self._create_rows.sized(len(ordered)),
+            numbered(
+                [
+                    {
+                        "budget_key": line.key,
+                        "rule": line.budget.rule,
+                        "scope": line.scope.value,
+                        "subject": line.subject,
+                        "period": line.budget.period.value,
+                        "window": line.window,
+                        "spent_micros": 0,
+                        "reserved_micros": 0,
+                        "created_at": stamp,
+                        "updated_at": stamp,
+                    }
+                    for line in ordered
+                ]
+            ),
         )
         rows = transaction.rows(self._lock_rows_query.sized(len(keys)), keys)
         return {row.budget_key: row for row in rows}
@@ -504,17 +528,14 @@ class Ledger:
 
     def ping(self) -> None:
         """Run a trivial query; raises SQLAlchemyError when the database is down."""
-        with self._turn, self.engine.connect() as connection:
-            connection.execute(select(1))
-            connection.rollback()
+        self._driver.run(lambda transaction: transaction.first(self._ping, {}))
 
     def read_usage(self, lines: Iterable[BudgetLine]) -> dict[str, Usage]:
         """Read the usage of budget lines without locking; absent rows are empty."""
         keys = [line.key for line in lines]
         if not keys:
             return {}
-        with self._turn, self._driver.transaction() as transaction:
-            return self._read_usage(transaction, keys)
+        return self._driver.run(lambda transaction: self._read_usage(transaction, keys))
 
     def _read_usage(
         self, transaction: Transaction, keys: Sequence[str]
@@ -545,55 +566,66 @@ class Ledger:
         expiry still records the spend and corrects what expiry charged.
         """
         stamp = self._driver.timestamp(_utc(now))
-        with self._turn, self._driver.transaction() as transaction:
-            row = self._reservation(transaction, reservation_id)
-            if row.state == "committed":
-                usage = (row.input_tokens, row.cached_input_tokens, row.output_tokens)
-                reported = (input_tokens, cached_input_tokens, output_tokens)
-                if usage != reported:
-                    raise ConflictError(
-                        f"reservation {reservation_id} was already committed with "
-                        f"input/cached/output tokens {usage}, not {reported}"
-                    )
-                overage = max(0, row.actual_micros - row.estimated_micros)
-                return CommitRecord(
-                    row.actual_micros, row.estimated_micros, overage, True
-                )
-            if row.state == "released":
+        reported = (input_tokens, cached_input_tokens, output_tokens)
+        return self._driver.run(
+            lambda transaction: self._commit(
+                transaction, reservation_id, reported, stamp
+            )
+        )
+
+    def _commit(
+        self,
+        transaction: Transaction,
+        reservation_id: str,
+        reported: tuple[int, int, int],
+        stamp: Any,
+    ) -> CommitRecord:
+        input_tokens, cached_input_tokens, output_tokens = reported
+        row = self._reservation(transaction, reservation_id)
+        if row.state == "committed":
+            usage = (row.input_tokens, row.cached_input_tokens, row.output_tokens)
+            if usage != reported:
                 raise ConflictError(
-                    f"reservation {reservation_id} was released; it cannot be committed"
+                    f"reservation {reservation_id} was already committed with "
+                    f"input/cached/output tokens {usage}, not {reported}"
                 )
-            cost = token_cost_micros(
-                tokens_and_prices=(
-                    (input_tokens - cached_input_tokens, row.input_price_micros),
-                    (cached_input_tokens, row.cached_input_price_micros),
-                    (output_tokens, row.output_price_micros),
-                )
+            overage = max(0, row.actual_micros - row.estimated_micros)
+            return CommitRecord(row.actual_micros, row.estimated_micros, overage, True)
+        if row.state == "released":
+            raise ConflictError(
+                f"reservation {reservation_id} was released; it cannot be committed"
             )
-            held = row.estimated_micros if row.state == "open" else 0
-            spent_delta = cost - row.charged_micros
-            self._move(transaction, reservation_id, -held, spent_delta, stamp)
-            transaction.execute(
-                self._mark_committed,
-                {
-                    "p_id": reservation_id,
-                    "p_cost": cost,
-                    "p_input": input_tokens,
-                    "p_cached": cached_input_tokens,
-                    "p_output": output_tokens,
-                    "p_now": stamp,
-                },
+        cost = token_cost_micros(
+            tokens_and_prices=(
+                (input_tokens - cached_input_tokens, row.input_price_micros),
+                (cached_input_tokens, row.cached_input_price_micros),
+                (output_tokens, row.output_price_micros),
             )
-            overage = max(0, cost - row.estimated_micros)
-            self._audit_settlement(
-                transaction,
-                row,
-                event="commit",
-                stamp=stamp,
-                actual_micros=cost,
-                overage_micros=overage,
-                tokens=(input_tokens, cached_input_tokens, output_tokens),
-            )
+        )
+        held = row.estimated_micros if row.state == "open" else 0
+        spent_delta = cost - row.charged_micros
+        self._move(transaction, reservation_id, -held, spent_delta, stamp)
+        transaction.execute(
+            self._mark_committed,
+            {
+                "p_id": reservation_id,
+                "p_cost": cost,
+                "p_input": input_tokens,
+                "p_cached": cached_input_tokens,
+                "p_output": output_tokens,
+                "p_now": stamp,
+            },
+        )
+        overage = max(0, cost - row.estimated_micros)
+        self._audit_settlement(
+            transaction,
+            row,
+            event="commit",
+            stamp=stamp,
+            actual_micros=cost,
+            overage_micros=overage,
+            tokens=reported,
+        )
         return CommitRecord(cost, row.estimated_micros, overage, False)
 
     def release(
@@ -605,21 +637,27 @@ class Ledger:
         the application reports that the model call did not happen.
         """
         stamp = self._driver.timestamp(_utc(now))
-        with self._turn, self._driver.transaction() as transaction:
-            row = self._reservation(transaction, reservation_id)
-            if row.state == "released":
-                return ReleaseRecord(row.estimated_micros, True)
-            if row.state == "committed":
-                raise ConflictError(
-                    f"reservation {reservation_id} was committed; it cannot be released"
-                )
-            # An expired reservation may have been charged; releasing it refunds that.
-            held = row.estimated_micros if row.state == "open" else 0
-            self._move(transaction, reservation_id, -held, -row.charged_micros, stamp)
-            transaction.execute(
-                self._mark_released, {"p_id": reservation_id, "p_now": stamp}
+        return self._driver.run(
+            lambda transaction: self._release(transaction, reservation_id, stamp)
+        )
+
+    def _release(
+        self, transaction: Transaction, reservation_id: str, stamp: Any
+    ) -> ReleaseRecord:
+        row = self._reservation(transaction, reservation_id)
+        if row.state == "released":
+            return ReleaseRecord(row.estimated_micros, True)
+        if row.state == "committed":
+            raise ConflictError(
+                f"reservation {reservation_id} was committed; it cannot be released"
             )
-            self._audit_settlement(transaction, row, event="release", stamp=stamp)
+        # An expired reservation may have been charged; releasing it refunds that.
+        held = row.estimated_micros if row.state == "open" else 0
+        self._move(transaction, reservation_id, -held, -row.charged_micros, stamp)
+        transaction.execute(
+            self._mark_released, {"p_id": reservation_id, "p_now": stamp}
+        )
+        self._audit_settlement(transaction, row, event="release", stamp=stamp)
         return ReleaseRecord(row.estimated_micros, False)
 
     def expire(
@@ -631,36 +669,42 @@ class Ledger:
         update on its state, so replicas sweeping at once never settle one twice.
         """
         stamp = self._driver.timestamp(_utc(now))
-        with self._turn, self._driver.transaction() as transaction:
-            expired_ids = [
-                row.id
-                for row in transaction.rows(
-                    self._find_expired, {"p_now": stamp, "p_limit": limit}
-                )
-            ]
+        expired = self._driver.run(
+            lambda transaction: transaction.rows(
+                self._find_expired, {"p_now": stamp, "p_limit": limit}
+            )
+        )
+        return sum(
+            self._driver.run(
+                partial(self._expire, reservation_id=row.id, action=action, stamp=stamp)
+            )
+            for row in expired
+        )
 
-        settled = 0
-        for reservation_id in expired_ids:
-            with self._turn, self._driver.transaction() as transaction:
-                claimed = transaction.execute(
-                    self._claim_expired, {"p_id": reservation_id, "p_now": stamp}
-                )
-                if claimed != 1:
-                    continue
-                row = self._reservation(transaction, reservation_id)
-                charge = row.estimated_micros if action is ExpiryAction.CHARGE else 0
-                self._move(
-                    transaction, reservation_id, -row.estimated_micros, charge, stamp
-                )
-                if charge:
-                    transaction.execute(
-                        self._mark_charged, {"p_id": reservation_id, "p_charge": charge}
-                    )
-                self._audit_settlement(
-                    transaction, row, event="expire", stamp=stamp, actual_micros=charge
-                )
-                settled += 1
-        return settled
+    def _expire(
+        self,
+        transaction: Transaction,
+        reservation_id: str,
+        action: ExpiryAction,
+        stamp: Any,
+    ) -> bool:
+        """Settle one expired reservation, or return False if another sweep did."""
+        claimed = transaction.execute(
+            self._claim_expired, {"p_id": reservation_id, "p_now": stamp}
+        )
+        if claimed != 1:
+            return False
+        row = self._reservation(transaction, reservation_id)
+        charge = row.estimated_micros if action is ExpiryAction.CHARGE else 0
+        self._move(transaction, reservation_id, -row.estimated_micros, charge, stamp)
+        if charge:
+            transaction.execute(
+                self._mark_charged, {"p_id": reservation_id, "p_charge": charge}
+            )
+        self._audit_settlement(
+            transaction, row, event="expire", stamp=stamp, actual_micros=charge
+        )
+        return True
 
     def _reservation(self, transaction: Transaction, reservation_id: str) -> Any:
         row = transaction.first(self._find_reservation, {"p_id": reservation_id})
@@ -729,7 +773,7 @@ class Ledger:
 
     def totals(self) -> tuple[int, int]:
         """Return total spent and reserved micro-USD over all rows, for checks."""
-        with self._turn, self.engine.connect() as connection:
+        with self.engine.connect() as connection:
             row = connection.execute(
                 select(
                     func.coalesce(func.sum(budget_usage.c.spent_micros), 0),
