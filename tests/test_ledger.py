@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import Counter
@@ -499,3 +500,59 @@ def test_group_commit_undoes_only_the_failing_unit(sqlite_url: str) -> None:
     assert outcomes[2] == "d"
     assert driver.group_counts() == (2, 4, 0)
     assert stored_units(driver) == ["b", "d", "first"]
+
+
+class Interrupted(Exception):
+    """Raised by the test's signal handler in the main thread."""
+
+
+def test_group_commit_survives_interrupted_wait(sqlite_url: str) -> None:
+    # A signal handler that raises ends the main thread's wait for its group.
+    # Its unit was next in line to lead, so the unit queued behind it must
+    # lead instead, or every later caller waits forever.
+    engine = create_engine(sqlite_url)
+    UNITS.metadata.create_all(engine)
+    driver = Driver(engine)
+    insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
+    held = Held(driver, "first")
+    main = threading.get_ident()
+    results: dict[str, object] = {}
+
+    def run_unit(name: str) -> None:
+        results[name] = driver.run(
+            lambda transaction: transaction.execute(insert, {"name": name})
+        )
+
+    def interrupt_main() -> None:
+        wait_for(lambda: driver.group_counts().queued == 1, "the main unit to queue")
+        behind.start()
+        wait_for(lambda: driver.group_counts().queued == 2, "a unit behind it")
+        signal.pthread_kill(main, signal.SIGUSR1)
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        raise Interrupted
+
+    first = threading.Thread(target=driver.run, args=(held,), daemon=True)
+    behind = threading.Thread(target=run_unit, args=("behind",), daemon=True)
+    later = threading.Thread(target=run_unit, args=("later",), daemon=True)
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+        first.start()
+        assert held.entered.wait(timeout=30)
+        threading.Thread(target=interrupt_main, daemon=True).start()
+        with pytest.raises(Interrupted):
+            driver.run(
+                lambda transaction: transaction.execute(insert, {"name": "main"})
+            )
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        held.release.set()
+    behind.join(timeout=10)
+    later.start()
+    later.join(timeout=10)
+
+    assert not behind.is_alive(), "the unit behind the interrupted one never ran"
+    assert not later.is_alive(), "a later unit never ran"
+    assert results == {"behind": 1, "later": 1}
+    assert stored_units(driver) == ["behind", "first", "later"]
+    engine.dispose()

@@ -333,11 +333,37 @@ class _GroupCommit:
             lead = not self._running
             self._running = True
         if not lead:
-            unit.ready.wait()
+            try:
+                unit.ready.wait()
+            except BaseException:
+                # A signal handler of the main thread raised while it waited.
+                self._withdraw(unit)
+                raise
             if not unit.lead:
                 return unit.outcome()
         self._lead()
         return unit.outcome()
+
+    def _withdraw(self, unit: _Unit[Any]) -> None:
+        """Take the unit of a caller that stopped waiting out of the queue.
+
+        A unit made leader hands leadership to the next queued unit, or the
+        queue would wait forever for a group no thread runs. A unit already in a
+        group runs and commits without its caller.
+        """
+        following: _Unit[Any] | None = None
+        with self._lock:
+            if unit not in self._queue:
+                return
+            self._queue.remove(unit)
+            if not unit.lead:
+                return
+            following = self._queue[0] if self._queue else None
+            self._running = following is not None
+            if following is not None:
+                following.lead = True
+        if following is not None:
+            following.ready.set()
 
     def _lead(self) -> None:
         with self._lock:
@@ -353,10 +379,12 @@ class _GroupCommit:
                 self._units += len(group)
                 following = self._queue[0] if self._queue else None
                 self._running = following is not None
+                if following is not None:
+                    # Set under the lock, so _withdraw reads who leads next.
+                    following.lead = True
             for unit in group:
                 unit.ready.set()
             if following is not None:
-                following.lead = True
                 following.ready.set()
 
     def _run_group(self, group: list[_Unit[Any]]) -> None:
