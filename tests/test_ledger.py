@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -21,15 +22,17 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    event,
     literal,
     literal_column,
     select,
     text,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from conftest import START, PolicyWriter, ServeFactory
 from spendgate import evaluator
+from spendgate.errors import ConflictError, NotFoundError
 from spendgate.evaluator import Decision, Reason
 from spendgate.ledger import CheckRecord, Ledger, Principal, check_schema, create_engine
 from spendgate.ledger._driver import Driver, Transaction
@@ -450,7 +453,14 @@ def run_grouped(
     """
     engine = create_engine(sqlite_url)
     UNITS.metadata.create_all(engine)
-    driver = Driver(engine)
+    return run_grouped_on(Driver(engine), names)
+
+
+def run_grouped_on(
+    driver: Driver, names: list[str]
+) -> tuple[Driver, list[str | BaseException]]:
+    """Run names through `driver` in one group, as run_grouped() does."""
+    UNITS.metadata.create_all(driver.engine)
     insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
     held = Held(driver, "first")
     outcomes: list[str | BaseException] = [""] * len(names)
@@ -556,3 +566,182 @@ def test_group_commit_survives_interrupted_wait(sqlite_url: str) -> None:
     assert results == {"behind": 1, "later": 1}
     assert stored_units(driver) == ["behind", "first", "later"]
     engine.dispose()
+
+
+def test_group_commit_full_database_fails_group(sqlite_url: str) -> None:
+    # SQLite ends the whole transaction on SQLITE_FULL here, so every unit
+    # of the group fails and none of their rows is stored.
+    engine = create_engine(sqlite_url)
+    UNITS.metadata.create_all(engine)
+    with engine.connect() as connection:
+        pages = connection.exec_driver_sql("PRAGMA page_count").scalar_one()
+        connection.rollback()
+    engine.dispose()
+
+    def limit_size(connection: Any, _record: Any) -> None:
+        connection.execute(f"PRAGMA max_page_count = {pages + 3}")
+
+    event.listen(engine, "connect", limit_size)
+    too_large = "x" * 200_000
+    driver, outcomes = run_grouped_on(Driver(engine), ["b", too_large, "d"])
+    after = driver.run(
+        lambda transaction: transaction.execute(
+            driver.compile(UNITS.insert().values(name=bindparam("name"))),
+            {"name": "after"},
+        )
+    )
+
+    assert all(isinstance(outcome, OperationalError) for outcome in outcomes)
+    assert "full" in str(outcomes[1])
+    assert after == 1
+    assert stored_units(driver) == ["after", "first"]
+    engine.dispose()
+
+
+def settle_randomly(ledger: Ledger, record: CheckRecord, chooser: random.Random) -> str:
+    """Commit, release or abandon a reservation, retrying and crossing calls."""
+    reservation = record.reservation_id
+    choice = chooser.random()
+    if choice < 0.45:
+        tokens = chooser.randrange(record.estimated_micros + 1)
+
+        def commit() -> int:
+            return ledger.commit(
+                reservation,
+                input_tokens=tokens,
+                cached_input_tokens=0,
+                output_tokens=0,
+                now=START,
+            ).cost_micros
+
+        assert commit() == commit() == tokens
+        with pytest.raises(ConflictError):
+            ledger.release(reservation, now=START)
+        return "commit"
+    if choice < 0.75:
+        assert ledger.release(reservation, now=START).already_released is False
+        assert ledger.release(reservation, now=START).already_released is True
+        with pytest.raises(ConflictError):
+            ledger.commit(
+                reservation,
+                input_tokens=1,
+                cached_input_tokens=0,
+                output_tokens=0,
+                now=START,
+            )
+        return "release"
+    return "abandon"
+
+
+def test_group_commit_mixed_load_exact(sqlite_url: str, policy: Policy) -> None:
+    # Checks, retries, Commits, Releases, unknown ids, expiry sweeps and
+    # reads race on 64 threads. A quarter of the Checks are already past
+    # their TTL, so the sweepers race the Commits and Releases of those.
+    # NOTE: on PostgreSQL this load fails with "deadlock detected" in
+    # Ledger.expire, where _move locks budget rows. The cycle is not yet found.
+    engine = create_engine(sqlite_url)
+    ledger = Ledger(engine)
+    threads, rounds, users = 64, 12, 16
+    stale = START - timedelta(minutes=11)
+    lines = [
+        line
+        for user in range(users)
+        for line in evaluator.budget_lines(policy, "research", "", f"u{user}", START)
+        or ()
+    ]
+    done = threading.Event()
+    highest_used: dict[str, int] = Counter()
+
+    def watch() -> None:
+        while not done.is_set():
+            for key, usage in ledger.read_usage(lines).items():
+                highest_used[key] = max(highest_used[key], usage.used_micros)
+
+    def sweep() -> None:
+        while not done.is_set():
+            ledger.expire(ExpiryAction.CHARGE, now=START, limit=7)
+
+    def work(index: int) -> Counter[str]:
+        chooser = random.Random(index)
+        seen: Counter[str] = Counter()
+        for round_index in range(rounds):
+            user = f"u{chooser.randrange(users)}"
+            request_id = f"r{index}-{round_index}"
+            estimate = chooser.randrange(2_000, 15_000)
+            now = stale if chooser.random() < 0.25 else START
+            record = check(ledger, policy, request_id, estimate, user=user, now=now)
+            retry = check(ledger, policy, request_id, estimate, user=user, now=now)
+            with pytest.raises(ConflictError):
+                check(ledger, policy, request_id, estimate, user=f"{user}-x", now=now)
+            with pytest.raises(NotFoundError):
+                ledger.release(f"missing-{request_id}", now=START)
+            assert retry.replayed is True
+            assert retry.reservation_id == record.reservation_id
+            if record.decision is Decision.ALLOW:
+                seen[settle_randomly(ledger, record, chooser)] += 1
+            else:
+                seen[record.decision.value] += 1
+        return seen
+
+    helpers = [threading.Thread(target=watch)]
+    helpers += [threading.Thread(target=sweep) for _ in range(2)]
+    for helper in helpers:
+        helper.start()
+    try:
+        seen = sum(run_together(threads, work), Counter())
+    finally:
+        done.set()
+        for helper in helpers:
+            helper.join()
+    ledger.expire(ExpiryAction.CHARGE, now=START + timedelta(hours=1), limit=10_000)
+
+    assert seen["commit"] > 0
+    assert seen["release"] > 0
+    assert seen["abandon"] > 0
+    assert_ledger_matches_audit(engine, highest_used)
+    engine.dispose()
+
+
+def assert_ledger_matches_audit(engine: Engine, highest_used: dict[str, int]) -> None:
+    """Check every budget row against its reservations and their audit rows."""
+    with engine.connect() as connection:
+        usage_rows = connection.execute(text("SELECT * FROM budget_usage")).all()
+        reservation_rows = connection.execute(text("SELECT * FROM reservations")).all()
+        links = connection.execute(text("SELECT * FROM reservation_budgets")).all()
+        audit_rows = connection.execute(
+            text("SELECT * FROM audit_events ORDER BY id")
+        ).all()
+        connection.rollback()
+    events: dict[str, Counter[str]] = {row.id: Counter() for row in reservation_rows}
+    charged: Counter[str] = Counter()
+    for row in audit_rows:
+        if row.reservation_id:
+            events[row.reservation_id][row.event] += 1
+            if row.event in ("commit", "expire"):
+                charged[row.reservation_id] = row.actual_micros
+    spent: Counter[int] = Counter()
+    reserved: Counter[int] = Counter()
+    states = {row.id: row for row in reservation_rows}
+    for link in links:
+        row = states[link.reservation_id]
+        if row.state == "open":
+            reserved[link.usage_id] += row.estimated_micros
+        elif row.state in ("committed", "expired"):
+            spent[link.usage_id] += charged[row.id]
+    check_ids = Counter(
+        row.check_request_id for row in audit_rows if row.check_request_id
+    )
+
+    assert set(check_ids.values()) == {1}
+    for reservation_id, counted in events.items():
+        state = states[reservation_id].state
+        assert counted["check"] == 1, reservation_id
+        assert max(counted.values()) == 1, (reservation_id, counted)
+        assert counted["commit"] == (state == "committed"), (reservation_id, counted)
+        assert counted["release"] == (state == "released"), (reservation_id, counted)
+    for row in usage_rows:
+        limit = USER_LIMIT_MICROS if "per-user" in row.budget_key else LIMIT_MICROS
+        assert row.spent_micros == spent[row.id], row.budget_key
+        assert row.reserved_micros == reserved[row.id], row.budget_key
+        assert row.spent_micros + row.reserved_micros <= limit, row.budget_key
+        assert highest_used.get(row.budget_key, 0) <= limit, row.budget_key
