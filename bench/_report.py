@@ -164,6 +164,29 @@ def _driver_table(run: RunResult) -> Table | None:
     )
 
 
+def _server_model_table(run: RunResult) -> Table | None:
+    if not run.server_models:
+        return None
+    rows = [
+        (
+            name,
+            _ms(pair.sequential_first.p50_ms),
+            _ms(pair.sequential_first.p99_ms),
+            _rate(pair.pairs_per_second),
+        )
+        for name, pair in run.server_models.items()
+    ]
+    return Table(
+        f"gRPC server model, echo with the {HEADLINE_SCENARIO} sizes",
+        ("server", "echo p50 ms", "echo p99 ms", f"pairs/s, {run.clients} clients"),
+        rows,
+        (
+            "The same Echo on a grpcio thread pool (what spendgate serve uses) "
+            "and on grpc.aio, in one process each.",
+        ),
+    )
+
+
 def _peer_table(run: RunResult) -> Table | None:
     peer = run.peer
     if peer is None:
@@ -448,7 +471,12 @@ def tables(run: RunResult) -> list[Table]:
     found: list[Table | None] = []
     if run.scenarios:
         found += [_target_table(run), _latency_table(run), _throughput_table(run)]
-    found += [_driver_table(run), _peer_table(run), *_profile_tables(run)]
+    found += [
+        _driver_table(run),
+        _server_model_table(run),
+        _peer_table(run),
+        *_profile_tables(run),
+    ]
     found += [_counting_table(run), _memory_table(run), _soak_table(run)]
     return [table for table in found if table is not None]
 

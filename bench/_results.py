@@ -136,6 +136,8 @@ class RunResult:
     workers: int
     scenarios: list[ScenarioResult] = field(default_factory=list)
     drivers: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Echo of the headline scenario on each gRPC server model.
+    server_models: dict[str, Pair] = field(default_factory=dict)
     peer: PeerResult | None = None
     profile: ProfileResult | None = None
     counting: CountTimes | None = None

@@ -283,6 +283,7 @@ class Bench:
                 and self.settings.compare_drivers
             ):
                 self.compare_drivers(server, workload, echo_workload, check)
+                self.compare_server_models(echo_workload, calls)
         echo = self.echo[scenario.name]
         self.run.scenarios.append(
             ScenarioResult(
@@ -335,6 +336,29 @@ class Bench:
                 )
             )
             self.run.drivers[name] = (figures[0], figures[1])
+
+    def compare_server_models(self, echo_workload: EchoPair, calls: int) -> None:
+        """Measure the headline echo on grpc.aio beside the thread pool's."""
+        self.run.server_models["grpcio thread pool"] = self.echo[
+            _report.HEADLINE_SCENARIO
+        ]
+        aio = _procs.start(
+            "aio echo server",
+            [
+                sys.executable,
+                str(BENCH_DIR / "echo_server.py"),
+                "--address",
+                f"{_procs.HOST}:0",
+                "--aio",
+            ],
+            WORK_DIR / "echo-aio.log",
+        )
+        try:
+            self.run.server_models["grpc.aio"] = Pair.of(
+                *self.measure_pair(aio.address, echo_workload, calls, "aio echo")
+            )
+        finally:
+            aio.stop()
 
     def ledger(self, database: str, name: str) -> None:
         """Start `spendgate serve` on `database` and measure every scenario."""
