@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,6 +23,7 @@ import pytest
 import sqlalchemy
 import structlog
 from click.testing import CliRunner, Result
+from jsonschema import Draft202012Validator
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
@@ -30,6 +32,7 @@ from spendgate import evaluator, reports
 from spendgate.cli import main
 from spendgate.ledger import CheckRecord, Ledger, Principal, create_engine, migrate
 from spendgate.policy import Policy, load_policy
+from spendgate.policy._yaml import read_documents
 from spendgate.server import PolicyHolder, create_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1130,3 +1133,54 @@ def test_explain_hostile_values(args: list[str], message: str) -> None:
 
     assert result.exit_code == 2
     assert message in result.output
+
+
+def json_ready(value: Any) -> Any:
+    """Turn the loader's Decimals into the ints and floats a JSON document has."""
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_ready(item) for item in value]
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+def test_schema_accepts_shipped_files() -> None:
+    # An editor pointed at policies/**/*.yaml checks the test files too.
+    result = run("schema")
+    validator = Draft202012Validator(json.loads(result.stdout))
+    documents = []
+    for path in sorted((REPO / "policies").rglob("*.yaml")):
+        parsed, problems = read_documents(path, path.name)
+        assert problems == []
+        documents += [(path.name, json_ready(document.data)) for document in parsed]
+    kinds = {document["kind"] for _, document in documents}
+    rejected = {
+        name: [error.message for error in validator.iter_errors(document)][:3]
+        for name, document in documents
+        if not validator.is_valid(document)
+    }
+
+    assert result.exit_code == 0
+    assert kinds == {"Organization", "ModelCatalog", "Department", "PolicyTest"}
+    assert rejected == {}
+
+
+def test_schema_rejects_invalid_documents() -> None:
+    validator = Draft202012Validator(json.loads(run("schema").stdout))
+    department = {
+        "apiVersion": "spendgate/v1",
+        "kind": "Department",
+        "name": "legal",
+        "budgets": [{"name": "monthly", "period": "month", "limit_usd": "ten"}],
+    }
+    policy_test = {
+        "apiVersion": "spendgate/v1",
+        "kind": "PolicyTest",
+        "name": "no cases",
+        "now": "2026-03-31T23:30:00-04:00",
+    }
+
+    assert not validator.is_valid(department)
+    assert not validator.is_valid(policy_test)

@@ -357,10 +357,11 @@ def validate(directory: Path, output_format: str) -> None:
 
 @main.command()
 def schema() -> None:
-    """Print the JSON Schema of policy documents, for editors and CI."""
+    """Print the JSON Schema of policy and PolicyTest documents, for editors and CI."""
     from spendgate.policy import json_schema
+    from spendgate.policytest import POLICY_TEST
 
-    click.echo(json.dumps(json_schema(), indent=2))
+    click.echo(json.dumps(json_schema({"PolicyTest": POLICY_TEST}), indent=2))
 
 
 @main.command()

@@ -501,10 +501,14 @@ def check_document(document: Document) -> list[Problem]:
     return report.problems
 
 
-def json_schema() -> dict[str, Any]:
-    """Return a JSON Schema (draft 2020-12) of one policy document."""
+def json_schema(extra_kinds: Mapping[str, Object] | None = None) -> dict[str, Any]:
+    """Return a JSON Schema (draft 2020-12) of one policy document.
+
+    `extra_kinds` adds kinds that live beside the policies, such as PolicyTest,
+    so an editor pointed at the whole policy directory accepts their files.
+    """
     variants = []
-    for kind, shape in KINDS.items():
+    for kind, shape in {**KINDS, **(extra_kinds or {})}.items():
         schema = shape.json_schema()
         schema["properties"]["apiVersion"] = {"const": API_VERSION}
         schema["properties"]["kind"] = {"const": kind}
