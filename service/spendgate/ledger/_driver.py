@@ -128,29 +128,13 @@ def numbered(rows: Sequence[Values]) -> dict[str, Any]:
 class Transaction:
     """A transaction on one pooled DBAPI connection."""
 
-    __slots__ = ("_connection", "_cursor", "_pipeline", "statement")
+    __slots__ = ("_connection", "_cursor", "statement")
 
-    def __init__(self, connection: Any, cursor: Any, *, pipeline: bool) -> None:
+    def __init__(self, connection: Any, cursor: Any) -> None:
         self._connection = connection
         self._cursor = cursor
-        self._pipeline = pipeline
         # The statement running, named in the error if it fails.
         self.statement = ""
-
-    @contextmanager
-    def batch(self) -> Iterator[None]:
-        """Send the statements of the block together and wait once at its end.
-
-        On PostgreSQL this is psycopg's pipeline mode: statements that return
-        nothing cost one round trip together instead of one each. An error
-        of any of them is raised when the block ends. On SQLite, which has no
-        round trips, statements run as they come.
-        """
-        if not self._pipeline:
-            yield
-            return
-        with self._connection.driver_connection.pipeline():
-            yield
 
     @property
     def active(self) -> bool:
@@ -198,7 +182,6 @@ class Driver:
         sqlite = self.dialect.name == "sqlite"
         # SQLite: take the write lock before the first read (see create_engine).
         self._begin = "BEGIN IMMEDIATE" if sqlite else None
-        self._pipeline = self.dialect.driver == "psycopg"
         # SQLite has one writer at a time, so this process's units of work
         # queue here and share transactions (group commit). PostgreSQL runs
         # each in its own transaction, in parallel, under row locks.
@@ -255,7 +238,7 @@ class Driver:
             cursor = connection.cursor()
             if self._begin is not None:
                 cursor.execute(self._begin)
-            transaction = Transaction(connection, cursor, pipeline=self._pipeline)
+            transaction = Transaction(connection, cursor)
             yield transaction
             connection.commit()
         except self._errors as error:

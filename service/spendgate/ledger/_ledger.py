@@ -355,77 +355,74 @@ class Ledger:
         outcome = evaluator.decide(plan, usage)
         candidate = outcome.candidate
 
-        # The writes return nothing the Check needs, so PostgreSQL gets them
-        # in one round trip.
-        with transaction.batch():
-            reservation_id = ""
-            expires_at = None
-            if outcome.reserves and candidate is not None:
-                reservation_id = new_reservation_id()
-                expires_at = now + reservation_ttl
-                amount = candidate.estimate_micros
-                usage_ids = sorted({rows[line.key].id for line in plan.budgets})
-                if usage_ids:
-                    transaction.execute(
-                        self._reserve.sized(len(usage_ids)),
-                        {"amount": amount, "now": stamp, **items(usage_ids)},
-                    )
+        reservation_id = ""
+        expires_at = None
+        if outcome.reserves and candidate is not None:
+            reservation_id = new_reservation_id()
+            expires_at = now + reservation_ttl
+            amount = candidate.estimate_micros
+            usage_ids = sorted({rows[line.key].id for line in plan.budgets})
+            if usage_ids:
                 transaction.execute(
-                    self._insert_reservation,
-                    {
-                        "id": reservation_id,
-                        "request_id": request_id,
-                        "state": "open",
-                        "department": principal.department,
-                        "team": principal.team,
-                        "user": principal.user,
-                        "application": principal.application,
-                        "model": candidate.model.name,
-                        "estimated_micros": amount,
-                        "charged_micros": 0,
-                        "input_price_micros": candidate.model.input_price_micros,
-                        "cached_input_price_micros": (
-                            candidate.model.cached_input_price_micros
-                        ),
-                        "output_price_micros": candidate.model.output_price_micros,
-                        "policy_version": policy_version,
-                        "created_at": stamp,
-                        "expires_at": self._driver.timestamp(expires_at),
-                    },
+                    self._reserve.sized(len(usage_ids)),
+                    {"amount": amount, "now": stamp, **items(usage_ids)},
                 )
-                if usage_ids:
-                    transaction.execute(
-                        self._insert_links.sized(len(usage_ids)),
-                        numbered(
-                            [
-                                {"reservation_id": reservation_id, "usage_id": usage_id}
-                                for usage_id in usage_ids
-                            ]
-                        ),
-                    )
-                usage = {
-                    key: Usage(value.spent_micros, value.reserved_micros + amount)
-                    for key, value in usage.items()
-                }
-
             transaction.execute(
-                self._insert_audit,
+                self._insert_reservation,
                 {
-                    **_AUDIT_DEFAULTS,
-                    **_audit_outcome(outcome),
-                    "occurred_at": stamp,
-                    "event": "check",
+                    "id": reservation_id,
                     "request_id": request_id,
-                    "check_request_id": request_id,
-                    "reservation_id": reservation_id or None,
+                    "state": "open",
                     "department": principal.department,
                     "team": principal.team,
                     "user": principal.user,
                     "application": principal.application,
+                    "model": candidate.model.name,
+                    "estimated_micros": amount,
+                    "charged_micros": 0,
+                    "input_price_micros": candidate.model.input_price_micros,
+                    "cached_input_price_micros": (
+                        candidate.model.cached_input_price_micros
+                    ),
+                    "output_price_micros": candidate.model.output_price_micros,
                     "policy_version": policy_version,
-                    "labels": json.dumps(dict(labels), sort_keys=True),
+                    "created_at": stamp,
+                    "expires_at": self._driver.timestamp(expires_at),
                 },
             )
+            if usage_ids:
+                transaction.execute(
+                    self._insert_links.sized(len(usage_ids)),
+                    numbered(
+                        [
+                            {"reservation_id": reservation_id, "usage_id": usage_id}
+                            for usage_id in usage_ids
+                        ]
+                    ),
+                )
+            usage = {
+                key: Usage(value.spent_micros, value.reserved_micros + amount)
+                for key, value in usage.items()
+            }
+
+        transaction.execute(
+            self._insert_audit,
+            {
+                **_AUDIT_DEFAULTS,
+                **_audit_outcome(outcome),
+                "occurred_at": stamp,
+                "event": "check",
+                "request_id": request_id,
+                "check_request_id": request_id,
+                "reservation_id": reservation_id or None,
+                "department": principal.department,
+                "team": principal.team,
+                "user": principal.user,
+                "application": principal.application,
+                "policy_version": policy_version,
+                "labels": json.dumps(dict(labels), sort_keys=True),
+            },
+        )
         return _record(outcome, policy_version, reservation_id, expires_at, usage)
 
     def _lock_budgets(
@@ -607,30 +604,28 @@ class Ledger:
         )
         held = row.estimated_micros if row.state == "open" else 0
         spent_delta = cost - row.charged_micros
+        self._move(transaction, reservation_id, -held, spent_delta, stamp)
+        transaction.execute(
+            self._mark_committed,
+            {
+                "p_id": reservation_id,
+                "p_cost": cost,
+                "p_input": input_tokens,
+                "p_cached": cached_input_tokens,
+                "p_output": output_tokens,
+                "p_now": stamp,
+            },
+        )
         overage = max(0, cost - row.estimated_micros)
-        self._lock_linked_rows(transaction, reservation_id)
-        with transaction.batch():
-            self._move(transaction, reservation_id, -held, spent_delta, stamp)
-            transaction.execute(
-                self._mark_committed,
-                {
-                    "p_id": reservation_id,
-                    "p_cost": cost,
-                    "p_input": input_tokens,
-                    "p_cached": cached_input_tokens,
-                    "p_output": output_tokens,
-                    "p_now": stamp,
-                },
-            )
-            self._audit_settlement(
-                transaction,
-                row,
-                event="commit",
-                stamp=stamp,
-                actual_micros=cost,
-                overage_micros=overage,
-                tokens=reported,
-            )
+        self._audit_settlement(
+            transaction,
+            row,
+            event="commit",
+            stamp=stamp,
+            actual_micros=cost,
+            overage_micros=overage,
+            tokens=reported,
+        )
         return CommitRecord(cost, row.estimated_micros, overage, False)
 
     def release(
@@ -658,13 +653,11 @@ class Ledger:
             )
         # An expired reservation may have been charged; releasing it refunds that.
         held = row.estimated_micros if row.state == "open" else 0
-        self._lock_linked_rows(transaction, reservation_id)
-        with transaction.batch():
-            self._move(transaction, reservation_id, -held, -row.charged_micros, stamp)
-            transaction.execute(
-                self._mark_released, {"p_id": reservation_id, "p_now": stamp}
-            )
-            self._audit_settlement(transaction, row, event="release", stamp=stamp)
+        self._move(transaction, reservation_id, -held, -row.charged_micros, stamp)
+        transaction.execute(
+            self._mark_released, {"p_id": reservation_id, "p_now": stamp}
+        )
+        self._audit_settlement(transaction, row, event="release", stamp=stamp)
         return ReleaseRecord(row.estimated_micros, False)
 
     def expire(
@@ -703,18 +696,14 @@ class Ledger:
             return False
         row = self._reservation(transaction, reservation_id)
         charge = row.estimated_micros if action is ExpiryAction.CHARGE else 0
-        self._lock_linked_rows(transaction, reservation_id)
-        with transaction.batch():
-            self._move(
-                transaction, reservation_id, -row.estimated_micros, charge, stamp
+        self._move(transaction, reservation_id, -row.estimated_micros, charge, stamp)
+        if charge:
+            transaction.execute(
+                self._mark_charged, {"p_id": reservation_id, "p_charge": charge}
             )
-            if charge:
-                transaction.execute(
-                    self._mark_charged, {"p_id": reservation_id, "p_charge": charge}
-                )
-            self._audit_settlement(
-                transaction, row, event="expire", stamp=stamp, actual_micros=charge
-            )
+        self._audit_settlement(
+            transaction, row, event="expire", stamp=stamp, actual_micros=charge
+        )
         return True
 
     def _reservation(self, transaction: Transaction, reservation_id: str) -> Any:
@@ -722,15 +711,6 @@ class Ledger:
         if row is None:
             raise NotFoundError(f"reservation {reservation_id!r} not found")
         return row
-
-    def _lock_linked_rows(self, transaction: Transaction, reservation_id: str) -> None:
-        """Lock the budget rows of a reservation in key order, on PostgreSQL.
-
-        Check locks in budget_key order too. An UPDATE alone would lock in
-        physical order, and the two orders could deadlock.
-        """
-        if self._lock_rows:
-            transaction.rows(self._lock_linked, {"p_id": reservation_id})
 
     def _move(
         self,
@@ -740,10 +720,11 @@ class Ledger:
         spent_delta: int,
         stamp: Any,
     ) -> None:
-        """Add the deltas to every budget row the reservation has money on.
-
-        On PostgreSQL, call _lock_linked_rows first.
-        """
+        """Add the deltas to every budget row the reservation has money on."""
+        if self._lock_rows:
+            # Lock in budget_key order, the order Check locks in; an UPDATE
+            # alone locks in physical order, and the two orders deadlock.
+            transaction.rows(self._lock_linked, {"p_id": reservation_id})
         transaction.execute(
             self._settle,
             {
