@@ -249,9 +249,9 @@ class Ledger:
             .order_by(reservations.c.expires_at)
             .limit(bindparam("p_limit"))
         )
-        self._claim_expired = driver.compile(
+        self._mark_expired = driver.compile(
             update(reservations)
-            .where(and_(by_id, reservations.c.state == "open"))
+            .where(by_id)
             .values(state="expired", settled_at=bindparam("p_now"))
         )
         self._mark_charged = driver.compile(
@@ -665,8 +665,8 @@ class Ledger:
     ) -> int:
         """Settle up to `limit` reservations past their TTL; return how many.
 
-        Each reservation is settled in its own transaction by a conditional
-        update on its state, so replicas sweeping at once never settle one twice.
+        Each reservation is settled in its own transaction that locks it and
+        checks its state, so replicas sweeping at once never settle one twice.
         """
         stamp = self._driver.timestamp(_utc(now))
         expired = self._driver.run(
@@ -688,15 +688,22 @@ class Ledger:
         action: ExpiryAction,
         stamp: Any,
     ) -> bool:
-        """Settle one expired reservation, or return False if another sweep did."""
-        claimed = transaction.execute(
-            self._claim_expired, {"p_id": reservation_id, "p_now": stamp}
-        )
-        if claimed != 1:
-            return False
+        """Settle one expired reservation, or return False if it is settled already.
+
+        The reservation row is locked before the budget rows and changed after
+        them, as Commit and Release do. Changing it first would create a new
+        index entry for its request_id, and a retried Check of that request_id,
+        holding the budget rows, would wait on it while this waits on them.
+        """
         row = self._reservation(transaction, reservation_id)
+        if row.state != "open":
+            # A Commit, a Release or another replica's sweep settled it first.
+            return False
         charge = row.estimated_micros if action is ExpiryAction.CHARGE else 0
         self._move(transaction, reservation_id, -row.estimated_micros, charge, stamp)
+        transaction.execute(
+            self._mark_expired, {"p_id": reservation_id, "p_now": stamp}
+        )
         if charge:
             transaction.execute(
                 self._mark_charged, {"p_id": reservation_id, "p_charge": charge}
