@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from conftest import START, PolicyWriter, ServeFactory
 from spendgate import evaluator
-from spendgate.errors import ConflictError, NotFoundError
+from spendgate.errors import ConflictError, LedgerUnavailableError, NotFoundError
 from spendgate.evaluator import Decision, Reason
 from spendgate.ledger import CheckRecord, Ledger, Principal, check_schema, create_engine
 from spendgate.ledger._driver import Driver, Transaction
@@ -747,3 +747,43 @@ def assert_ledger_matches_audit(engine: Engine, highest_used: dict[str, int]) ->
         assert row.spent_micros + row.reserved_micros <= limit, row.budget_key
         assert highest_used.get(row.budget_key, 0) <= limit, row.budget_key
 
+
+class Interrupt(BaseException):
+    """Stands for KeyboardInterrupt, raised inside a unit of work."""
+
+
+def test_group_commit_interrupt_stays_with_leader(sqlite_url: str) -> None:
+    engine = create_engine(sqlite_url)
+    UNITS.metadata.create_all(engine)
+    driver = Driver(engine)
+    insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
+    held = Held(driver, "first")
+
+    def interrupt(_transaction: Transaction) -> str:
+        raise Interrupt
+
+    def write(name: str) -> Callable[[Transaction], str]:
+        def work(transaction: Transaction) -> str:
+            transaction.execute(insert, {"name": name})
+            return name
+
+        return work
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        first = pool.submit(driver.run, held)
+        assert held.entered.wait(timeout=30)
+        # Queued first, so it leads the next group.
+        leader = pool.submit(driver.run, interrupt)
+        wait_for(lambda: driver.group_counts().queued == 1, "the leader to queue")
+        others = [pool.submit(driver.run, write(name)) for name in ("c", "d")]
+        wait_for(lambda: driver.group_counts().queued == 3, "units to queue")
+        held.release.set()
+        first_result = first.result(timeout=30)
+        leader_error = leader.exception(timeout=30)
+        other_errors = [future.exception(timeout=30) for future in others]
+
+    assert first_result == "first"
+    assert isinstance(leader_error, Interrupt)
+    assert [type(error) for error in other_errors] == [LedgerUnavailableError] * 2
+    assert stored_units(driver) == ["first"]
+    engine.dispose()

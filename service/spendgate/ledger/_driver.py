@@ -25,6 +25,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from spendgate.errors import LedgerUnavailableError
 from spendgate.ledger._tables import Timestamp
 
 Values = Mapping[str, Any]
@@ -400,8 +401,15 @@ class _GroupCommit:
             # BEGIN, a broken transaction or the commit failed: nothing of
             # the group was written, so every unit reports the failure.
             for unit in group:
-                unit.error = error
                 unit.result = None
+                unit.error = error
+                if unit is not group[0] and not isinstance(error, Exception):
+                    # KeyboardInterrupt and the like belong to the leader's
+                    # thread. Other callers get an error they can retry on.
+                    unit.error = LedgerUnavailableError(
+                        "the ledger transaction was interrupted before it "
+                        "committed; retry the request"
+                    )
 
     def _run_unit(self, transaction: Transaction, unit: _Unit[Any]) -> None:
         transaction.savepoint()
