@@ -180,6 +180,26 @@ budgets:
     limit_usd: 0.01
 """
 
+# Rules in shadow: the department's model list, its per-request cap and the
+# model list of team strict. Its input limit stays enforced.
+TRIAL = """\
+apiVersion: spendgate/v1
+kind: Department
+name: trial
+shadow_rules: [models, limits/max_request_usd, teams/strict/models]
+models:
+  allow: [small, mid]
+downgrades:
+  big: mid
+limits:
+  max_input_tokens: 3000
+  max_request_usd: 0.005
+teams:
+  - name: strict
+    models:
+      allow: [small]
+"""
+
 SANDBOX = """\
 apiVersion: spendgate/v1
 kind: Department
@@ -204,6 +224,7 @@ def write_policy(directory: Path, *, organization: str, odd_max_output: str) -> 
         "departments/paced.yaml": PACED,
         "departments/shadowy.yaml": SHADOWY,
         "departments/sandbox.yaml": SANDBOX,
+        "departments/trial.yaml": TRIAL,
     }
     for name, text in files.items():
         path = directory / name
@@ -1151,3 +1172,77 @@ def test_plan_estimate_fraction_written(tmp_path: Path) -> None:
     # 1 x 2.5 + 1,000 x 0.5 = 502.5 micro-USD, rounded up.
     assert planned.requested is not None
     assert planned.requested.estimate_micros == 503
+
+
+@pytest.mark.parametrize(
+    ("fields", "decision", "model", "shadow_decision", "shadowed"),
+    [
+        pytest.param(
+            # Enforced, big fails the model list and mid the cap: DENY.
+            {"model": "big", "input_tokens": 1000},
+            Decision.ALLOW,
+            "big",
+            Decision.DENY,
+            "departments/trial/models",
+            id="model-list",
+        ),
+        pytest.param(
+            # mid's estimate of 7,000 micro-USD is over the 5,000 cap.
+            {"model": "mid", "input_tokens": 1000},
+            Decision.ALLOW,
+            "mid",
+            Decision.DENY,
+            "departments/trial/limits/max_request_usd",
+            id="request-cap",
+        ),
+        pytest.param(
+            {"model": "mid", "input_tokens": 1000, "max_output_tokens": 100},
+            Decision.ALLOW,
+            "mid",
+            None,
+            "",
+            id="passes-all",
+        ),
+        pytest.param(
+            {
+                "team": "strict",
+                "model": "mid",
+                "input_tokens": 1000,
+                "max_output_tokens": 100,
+            },
+            Decision.ALLOW,
+            "mid",
+            Decision.DENY,
+            "departments/trial/teams/strict/models",
+            id="team-model-list",
+        ),
+    ],
+)
+def test_decide_shadow_rule(
+    policy: Policy,
+    fields: dict[str, Any],
+    decision: Decision,
+    model: str,
+    shadow_decision: Decision | None,
+    shadowed: str,
+) -> None:
+    outcome = evaluate(policy, department="trial", **fields)
+
+    assert outcome.decision is decision
+    assert outcome.model == model
+    assert outcome.shadow_decision is shadow_decision
+    assert outcome.reason is Reason.ALLOWED
+    if shadowed:
+        assert f"Shadow rule {shadowed} would have answered" in outcome.message
+    else:
+        assert "Shadow rule" not in outcome.message
+
+
+def test_decide_enforced_rule_beats_shadow(policy: Policy) -> None:
+    # big fails the shadow model list and the enforced input limit.
+    outcome = evaluate(policy, department="trial", model="big", input_tokens=4000)
+
+    assert outcome.decision is Decision.DENY
+    assert outcome.reason is Reason.REQUEST_TOO_LARGE
+    assert outcome.rule == "departments/trial/limits/max_input_tokens"
+    assert outcome.shadow_decision is None

@@ -1014,3 +1014,25 @@ def test_too_many_budgets_rejected(tmp_path: Path) -> None:
     assert [
         problem.message for problem in result.errors if problem.path == "budgets"
     ] == ["must have at most 100 items, got 101"]
+
+
+def test_unknown_shadow_rules_rejected(tmp_path: Path) -> None:
+    department = (
+        "apiVersion: spendgate/v1\nkind: Department\nname: trial\n"
+        "shadow_rules: [modles, limits/max_output_tokens, teams/red/models]\n"
+    )
+    directory = write_policy(tmp_path, {"trial.yaml": department})
+
+    result = read_policy(directory)
+
+    messages = [
+        problem.message
+        for problem in result.errors
+        if problem.path.startswith("shadow_rules")
+    ]
+    assert result.policy is None
+    assert len(messages) == 3
+    assert messages[0].startswith("unknown rule 'modles'; expected one of models,")
+    assert messages[0].endswith('did you mean "models"?')
+    assert "'limits/max_output_tokens'" in messages[1]
+    assert "'teams/red/models'" in messages[2]

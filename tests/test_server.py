@@ -1051,3 +1051,40 @@ def test_undecodable_request_invalid(
     assert gate.audit_rows("bad-user") == []
     assert gate.audit_rows("bad-prompt") == []
     assert after.decision == ALLOW
+
+
+def test_shadow_rule_allows_and_audits(
+    serve: ServeFactory, write_policy: PolicyWriter, sqlite_url: str
+) -> None:
+    trial = """\
+apiVersion: spendgate/v1
+kind: Department
+name: trial
+shadow_rules: [limits/max_request_usd]
+limits:
+  max_request_usd: 0.0005
+budgets:
+  - {name: daily, period: day, limit_usd: 1.00}
+"""
+    files = {**policy_files(), "departments/trial.yaml": trial}
+    gate = serve(write_policy(files), sqlite_url)
+
+    # 1,000 flat-1 tokens cost 1,000 micro-USD, over the 500 cap in shadow.
+    response = gate.stub.Check(check_request("shadow-cap", 1000, department="trial"))
+    with gate.engine.connect() as connection:
+        audited = connection.execute(
+            text(
+                "SELECT decision, shadow_decision, message FROM audit_events"
+                " WHERE request_id = 'shadow-cap'"
+            )
+        ).one()
+        connection.rollback()
+
+    assert response.decision == ALLOW
+    assert response.shadow is True
+    assert response.shadow_decision == DENY
+    assert response.reservation_id != ""
+    assert response.estimated_cost_micros == 1000
+    assert audited.decision == "ALLOW"
+    assert audited.shadow_decision == "DENY"
+    assert "departments/trial/limits/max_request_usd" in audited.message

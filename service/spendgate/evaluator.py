@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from spendgate import tokens
 from spendgate.money import token_cost_micros
-from spendgate.policy import Budget, Department, Model, Policy, Scope, Team
+from spendgate.policy import Budget, Department, Limits, Model, Policy, Scope, Team
 from spendgate.windows import window_key
 
 
@@ -145,6 +145,10 @@ class Plan:
     rule: str = ""
     budgets: tuple[BudgetLine, ...] = ()
     trace: list[str] = field(default_factory=list)
+    # Shadow rules that failed the requested model, and the plan with them
+    # enforced, which decide() uses for the would-be decision.
+    shadow_failures: list[str] = field(default_factory=list)
+    enforced: Plan | None = None
 
 
 Counter = Callable[[Model], tokens.TokenCount]
@@ -186,9 +190,19 @@ def input_counter(request: Request) -> Counter:
 
 
 def plan(
-    policy: Policy, request: Request, now: datetime, count: Counter | None = None
+    policy: Policy,
+    request: Request,
+    now: datetime,
+    count: Counter | None = None,
+    *,
+    enforce_shadow_rules: bool = False,
 ) -> Plan:
-    """Run the decision steps that need no ledger state."""
+    """Run the decision steps that need no ledger state.
+
+    A rule in the department's shadow_rules lets a model pass. When one
+    fails the requested model, the plan carries a second plan with the
+    shadow rules enforced, so decide() can record the would-be decision.
+    """
     count = count or input_counter(request)
     result = Plan(requested_model=request.model)
     department = policy.departments.get(normalize_name(request.department))
@@ -221,7 +235,15 @@ def plan(
     result.department = department
     result.team = department.teams.get(normalize_name(request.team))
     result.budgets = _budget_lines(policy, department, result.team, request, now)
-    _add_candidates(policy, result, model, request, count)
+    # A shadow department already decides everything in shadow.
+    relaxed = (
+        frozenset()
+        if enforce_shadow_rules or department.shadow
+        else (department.shadow_rules)
+    )
+    _add_candidates(policy, result, model, request, count, relaxed)
+    if result.shadow_failures:
+        result.enforced = plan(policy, request, now, count, enforce_shadow_rules=True)
     if result.final is None and not result.candidates:
         assert result.reason is not None
         result.final = _deny(
@@ -243,6 +265,23 @@ def decide(plan: Plan, usage: Mapping[str, Usage]) -> Outcome:
     row. Shadow budgets never change the returned decision, but when they
     would have, the outcome's shadow_decision records it.
     """
+    outcome = _decide(plan, usage)
+    if plan.enforced is None:
+        return outcome
+    would_be = _decide(plan.enforced, usage)
+    if would_be.decision is outcome.decision and would_be.model == outcome.model:
+        return outcome
+    rules = ", ".join(plan.shadow_failures)
+    note = (
+        f" Shadow rule {rules} would have answered {would_be.decision.value}"
+        f" ({would_be.reason.value})."
+    )
+    return replace(
+        outcome, message=outcome.message + note, shadow_decision=would_be.decision
+    )
+
+
+def _decide(plan: Plan, usage: Mapping[str, Usage]) -> Outcome:
     if plan.final is not None:
         return plan.final
     enforced = tuple(line for line in plan.budgets if not line.budget.shadow)
@@ -368,7 +407,12 @@ def _rule_of(line: BudgetLine | None) -> str:
 
 
 def _add_candidates(
-    policy: Policy, result: Plan, model: Model, request: Request, count: Counter
+    policy: Policy,
+    result: Plan,
+    model: Model,
+    request: Request,
+    count: Counter,
+    shadow_rules: frozenset[str],
 ) -> None:
     """Check the requested model and its downgrade chain against steps 3 to 6."""
     department, team = result.department, result.team
@@ -404,22 +448,17 @@ def _add_candidates(
         if position == 0:
             result.requested = candidate
 
-        failure: tuple[Reason, str] | None = None
-        if name not in allowed:
-            failure = (Reason.MODEL_NOT_ALLOWED, models_rule)
-        elif (
-            limits.max_input_tokens is not None
-            and counted.tokens > limits.max_input_tokens
-        ):
-            failure = (Reason.REQUEST_TOO_LARGE, f"{prefix}/max_input_tokens")
-        elif counted.tokens > target.context_window:
-            failure = (Reason.REQUEST_TOO_LARGE, f"models/{name}/context_window")
-        elif (
-            limits.max_request_micros is not None
-            and estimate > limits.max_request_micros
-        ):
-            failure = (Reason.REQUEST_TOO_EXPENSIVE, f"{prefix}/max_request_usd")
-
+        failure = _failure(
+            candidate, name in allowed, models_rule, limits, prefix, shadow_rules
+        )
+        if failure is not None and failure[1] in shadow_rules:
+            reason, rule = failure
+            result.trace.append(
+                f"{name}: {reason.value} by shadow rule {rule}, not enforced"
+            )
+            if position == 0:
+                result.shadow_failures.append(rule)
+            failure = None
         if failure is None:
             result.trace.append(
                 f"{name}: passes model rules and limits: {counted.tokens} input, "
@@ -437,6 +476,39 @@ def _add_candidates(
                 )
                 return
     result.candidates = tuple(candidates)
+
+
+def _failure(
+    candidate: Candidate,
+    allowed: bool,
+    models_rule: str,
+    limits: Limits,
+    prefix: str,
+    shadow_rules: frozenset[str],
+) -> tuple[Reason, str] | None:
+    """Return the first model rule or limit the candidate fails, with its rule id.
+
+    A failed shadow rule is returned too, unless an enforced rule also
+    fails: that one decides.
+    """
+    name = candidate.model.name
+    failures: list[tuple[Reason, str]] = []
+    if not allowed:
+        failures.append((Reason.MODEL_NOT_ALLOWED, models_rule))
+    if limits.max_input_tokens is not None and (
+        candidate.input_tokens > limits.max_input_tokens
+    ):
+        failures.append((Reason.REQUEST_TOO_LARGE, f"{prefix}/max_input_tokens"))
+    if candidate.input_tokens > candidate.model.context_window:
+        failures.append((Reason.REQUEST_TOO_LARGE, f"models/{name}/context_window"))
+    if limits.max_request_micros is not None and (
+        candidate.estimate_micros > limits.max_request_micros
+    ):
+        failures.append((Reason.REQUEST_TOO_EXPENSIVE, f"{prefix}/max_request_usd"))
+    enforced = [failure for failure in failures if failure[1] not in shadow_rules]
+    if enforced:
+        return enforced[0]
+    return failures[0] if failures else None
 
 
 def budget_lines(

@@ -31,6 +31,9 @@ from spendgate.policy._version import version_of
 from spendgate.policy._yaml import Document, PathKey, parse_documents
 from spendgate.windows import Period
 
+# Limits that shadow_rules can name. max_output_tokens clamps and never denies.
+SHADOW_LIMITS = ("limits/max_input_tokens", "limits/max_request_usd")
+
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _GLOB_CHARACTERS = frozenset("*?[")
 DEFAULT_RESERVATION_TTL = timedelta(minutes=15)
@@ -411,9 +414,39 @@ class _Compiler:
             limits=limits,
             budgets=budgets,
             teams=MappingProxyType(teams),
+            shadow_rules=self._shadow_rules(
+                document, data.get("shadow_rules", []), prefix, teams
+            ),
         )
         self._warn_department(document, department)
         return department
+
+    def _shadow_rules(
+        self,
+        document: Document,
+        entries: list[Any],
+        prefix: str,
+        teams: Mapping[str, Team],
+    ) -> frozenset[str]:
+        """Check shadow_rules against the department's rules; return their full ids."""
+        known = (
+            "models",
+            *(f"teams/{name}/models" for name in teams),
+            *SHADOW_LIMITS,
+        )
+        found = set()
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, str) or entry not in known:
+                self.errors.append(
+                    document.problem(
+                        ("shadow_rules", index),
+                        f"unknown rule {entry!r}; expected one of "
+                        f"{', '.join(known)}{suggest(str(entry), known)}",
+                    )
+                )
+                continue
+            found.add(f"{prefix}/{entry}")
+        return frozenset(found)
 
     def _warn(self, document: Document, path: PathKey, message: str) -> None:
         self.warnings.append(document.problem(path, message, severity="warning"))

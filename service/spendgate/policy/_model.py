@@ -102,6 +102,8 @@ class Department:
     limits: Limits
     budgets: tuple[Budget, ...]
     teams: Mapping[str, Team]
+    # Full ids of the rules that decide and audit but never enforce.
+    shadow_rules: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -442,6 +442,16 @@ DEPARTMENT = Object(
         "kind": Key(Text(), required=True),
         "name": Key(NAME, required=True),
         "mode": Key(Text(choices=("enforce", "shadow"))),
+        "shadow_rules": Key(
+            ListOf(
+                Text(),
+                description=(
+                    "Rules that decide and audit but never enforce: models, "
+                    "teams/<team>/models, limits/max_input_tokens or "
+                    "limits/max_request_usd."
+                ),
+            )
+        ),
         "models": Key(MODEL_RULES),
         "downgrades": Key(MapOf(MODEL_NAME, MODEL_NAME)),
         "limits": Key(LIMITS),
