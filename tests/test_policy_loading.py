@@ -1036,3 +1036,32 @@ def test_unknown_shadow_rules_rejected(tmp_path: Path) -> None:
     assert messages[0].endswith('did you mean "models"?')
     assert "'limits/max_output_tokens'" in messages[1]
     assert "'teams/red/models'" in messages[2]
+
+
+def test_unclosed_quote_located_at_quote(tmp_path: Path) -> None:
+    # The parser notices the missing quote only at the end of the file.
+    text = DEPARTMENT.replace("name: eng\n", 'name: "eng\n', 1)
+    directory = write_policy(tmp_path, {ENG: text})
+
+    result = read_policy(directory)
+
+    problems = [problem for problem in result.errors if problem.file == ENG]
+    line = 1 + DEPARTMENT.splitlines().index("name: eng")
+    assert len(problems) == 1
+    assert (problems[0].line, problems[0].column) == (line, 7)
+    assert problems[0].message == (
+        "invalid YAML: found unexpected end of stream while scanning a quoted "
+        "scalar that starts here"
+    )
+
+
+def test_timezone_and_ttl_errors_together(tmp_path: Path) -> None:
+    organization = ORGANIZATION.replace("Europe/Berlin", "America/NewYork") + (
+        "reservation_ttl: 15 minutes\n"
+    )
+    directory = write_policy(tmp_path, {"organization.yaml": organization})
+
+    result = read_policy(directory)
+
+    paths = sorted(problem.path for problem in result.errors)
+    assert paths == ["reservation_ttl", "timezone"]

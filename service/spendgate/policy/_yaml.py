@@ -203,9 +203,17 @@ def parse_documents(
             documents.append(document)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
+        reason = error.problem or error.context or "invalid YAML"
+        start = error.context_mark
+        if error.problem and error.context and start is not None:
+            # Such as "found unexpected end of stream while scanning a quoted
+            # scalar": the construct's start is where the mistake usually is.
+            where = f"at line {start.line + 1}, column {start.column + 1}"
+            if "end of stream" in error.problem:
+                mark, where = start, "here"
+            reason = f"{error.problem} {error.context} that starts {where}"
         line = mark.line + 1 if mark else 1
         column = mark.column + 1 if mark else 1
-        reason = error.problem or error.context or "invalid YAML"
         problems.append(
             Problem(display_name, line, column, "", f"invalid YAML: {reason}")
         )
