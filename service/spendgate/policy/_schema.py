@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from spendgate.errors import Problem
 from spendgate.policy._yaml import Document, PathKey
@@ -90,6 +91,8 @@ class Text(Shape):
     choices: tuple[str, ...] = ()
     description: str = ""
     pattern_hint: str = ""
+    # Returns the problem with a value that passed the checks above, or None.
+    validate: Callable[[str], str | None] | None = None
 
     def check(self, value: Any, path: PathKey, report: Reporter) -> None:
         if not isinstance(value, str):
@@ -101,6 +104,8 @@ class Text(Shape):
             report.error(path, f"must be one of {options}, got {_show(value)}{hint}")
         elif self.pattern and not re.match(self.pattern, value):
             report.error(path, f"{_show(value)} is invalid: {self.pattern_hint}")
+        elif self.validate is not None and (problem := self.validate(value)):
+            report.error(path, problem)
 
     def json_schema(self) -> dict[str, Any]:
         schema: dict[str, Any] = {"type": "string"}
@@ -285,6 +290,18 @@ def _suggest(word: str, options: Sequence[str]) -> str:
 suggest = _suggest
 
 
+def _timezone_problem(name: str) -> str | None:
+    """Return why `name` is not a timezone zoneinfo knows, or None."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return (
+            f"unknown timezone {name!r}; use an IANA name such as "
+            '"America/New_York" or "UTC"'
+        )
+    return None
+
+
 def _usd(description: str) -> Number:
     return Number(
         exclusive_minimum=Decimal(0),
@@ -376,7 +393,11 @@ ORGANIZATION = Object(
         "kind": Key(Text(), required=True),
         "name": Key(NAME, required=True),
         "timezone": Key(
-            Text(description="IANA timezone name of the budget windows"), required=True
+            Text(
+                description="IANA timezone name of the budget windows",
+                validate=_timezone_problem,
+            ),
+            required=True,
         ),
         "reservation_ttl": Key(
             Text(
