@@ -116,7 +116,8 @@ def test_command(directory: Path, output_format: str, output: Path | None) -> No
     if loaded.errors:
         _print_errors(loaded.errors)
         count = len(loaded.errors)
-        click.echo(f"{directory}: invalid policy tests, {count} errors", err=True)
+        noun = "error" if count == 1 else "errors"
+        click.echo(f"{directory}: invalid policy tests, {count} {noun}", err=True)
         sys.exit(EXIT_INVALID_POLICY)
     if not loaded.tests:
         click.echo(
@@ -262,7 +263,8 @@ def _load_policy(directory: Path) -> Policy:
     if result.policy is None:
         _print_errors(result.errors)
         count = len(result.errors)
-        click.echo(f"{directory}: invalid policy, {count} errors", err=True)
+        noun = "error" if count == 1 else "errors"
+        click.echo(f"{directory}: invalid policy, {count} {noun}", err=True)
         sys.exit(EXIT_INVALID_POLICY)
     return result.policy
 

@@ -140,11 +140,19 @@ class Policy:
         return None if canonical is None else self.models[canonical]
 
     def rules(self) -> tuple[str, ...]:
-        """List every rule id a decision can name, for coverage reports."""
+        """List every rule id a decision can name, for coverage reports.
+
+        A models rule is listed only where it narrows the models: a department
+        that allows the whole catalog, or a team that allows all its
+        department's models, can never deny one.
+        """
         ids = ["organization/unknown_department", "catalog"]
+        catalog = frozenset(self.models)
         for department in self.departments.values():
             prefix = f"departments/{department.name}"
-            ids += [prefix, department.models_rule]
+            ids.append(prefix)
+            if department.allowed_models != catalog:
+                ids.append(department.models_rule)
             # Decisions name the department's limit rule even when a team set it.
             limit_keys = set(_limit_keys(department.limits))
             for team in department.teams.values():
@@ -152,7 +160,8 @@ class Policy:
             ids += [f"{prefix}/limits/{key}" for key in sorted(limit_keys)]
             ids += [budget.rule for budget in department.budgets]
             for team in department.teams.values():
-                ids.append(team.models_rule)
+                if team.allowed_models != department.allowed_models:
+                    ids.append(team.models_rule)
                 ids += [budget.rule for budget in team.budgets]
         ids += [f"models/{name}/context_window" for name in self.models]
         return tuple(ids)
