@@ -570,7 +570,9 @@ def test_audit_unmigrated_database(tmp_path: Path) -> None:
     result = run("audit", "--database", f"sqlite:///{empty}")
 
     assert result.exit_code == EXIT_DATABASE
-    assert "run `spendgate migrate --database URL` first" in result.stderr
+    assert (
+        f"run `spendgate migrate --database sqlite:///{empty}` first" in result.stderr
+    )
     assert "Traceback" not in result.output
 
 

@@ -509,9 +509,26 @@ def test_serve_rejects_outdated_schema(
 
     log = launched.log_text()
     assert code != 0
-    assert "run `spendgate migrate" in log
+    assert f"run `spendgate migrate --database {database_url}` first" in log
     assert "revision 0001" in log
     assert "server_started" not in launched.event_names()
+
+
+def test_serve_rejects_missing_sqlite_file(
+    processes: ProcessGroup, tmp_path: Path, write_policy: PolicyWriter
+) -> None:
+    missing = tmp_path / "never-migrated.db"
+    database_url = f"sqlite:///{missing}"
+
+    launched = processes.launch(policy(write_policy), database_url)
+    code = launched.process.wait(timeout=30)
+
+    log = launched.log_text()
+    assert code == 1
+    assert f"the ledger database {missing} does not exist" in log
+    assert f"`spendgate migrate --database {database_url}`" in log
+    # Opening the file would have created an empty database.
+    assert not missing.exists()
 
 
 @pytest.mark.postgres

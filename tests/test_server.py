@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from conftest import Gate, PolicyWriter, ServeFactory
+from spendgate.server import PolicyHolder, create_server
 from spendgate.v1 import spendgate_pb2 as pb
 
 ALLOW = pb.DECISION_ALLOW
@@ -1088,3 +1089,12 @@ budgets:
     assert audited.decision == "ALLOW"
     assert audited.shadow_decision == "DENY"
     assert "departments/trial/limits/max_request_usd" in audited.message
+
+
+def test_busy_port_error_says_what_to_do(gate: Gate) -> None:
+    address = f"127.0.0.1:{gate.running.port}"
+
+    with pytest.raises(OSError, match="pass another --address HOST:PORT") as raised:
+        create_server(address, PolicyHolder(gate.policy), gate.ledger)
+
+    assert str(raised.value).startswith(f"cannot listen on {address}: ")

@@ -203,6 +203,7 @@ def serve(
     grace: float,
 ) -> None:
     """Serve the SpendGate gRPC API."""
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     from spendgate import ledger, server, tokens
@@ -219,6 +220,15 @@ def serve(
         sys.exit(EXIT_INVALID_POLICY)
     tokens.preload()
     try:
+        missing = ledger.missing_sqlite_file(database)
+        if missing is not None:
+            click.echo(
+                f"error: the ledger database {missing} does not exist; create it "
+                "with `spendgate migrate --database "
+                f"{make_url(database).render_as_string(hide_password=True)}`",
+                err=True,
+            )
+            sys.exit(1)
         engine = ledger.create_engine(
             database,
             pool_size=workers,

@@ -421,11 +421,9 @@ def _usage_reader(
         parsed = make_url(database)
     except ArgumentError as error:
         raise click.BadParameter(str(error), param_hint="--database") from error
-    file_name = parsed.database or ""
-    is_file = parsed.get_backend_name() == "sqlite" and file_name != ":memory:"
-    if is_file and not Path(file_name).is_file():
-        # Opening a missing SQLite file would create an empty ledger.
-        click.echo(f"error: ledger database {file_name} not found", err=True)
+    missing = ledger.missing_sqlite_file(parsed)
+    if missing is not None:
+        click.echo(f"error: ledger database {missing} not found", err=True)
         sys.exit(EXIT_USAGE)
     engine = ledger.create_engine(database, pool_size=1)
     try:

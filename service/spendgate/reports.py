@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Row, and_, func, or_, select
@@ -88,16 +87,14 @@ def open_ledger(url: str) -> Engine:
     except ArgumentError as error:
         raise _invalid_url(url, error) from None
     display_url = parsed.render_as_string(hide_password=True)
-    if parsed.get_backend_name() == "sqlite":
-        # A report must not create an empty database where none was, which
-        # SQLite does when it opens a missing file.
-        database = parsed.database or ""
-        if database and database != ":memory:" and not Path(database).is_file():
-            raise LedgerUnavailableError(
-                f"database file {database} not found. Check --database, or create "
-                "the ledger with `spendgate migrate --database URL`"
-            )
-    elif parsed.get_backend_name() == "postgresql":
+    missing = ledger.missing_sqlite_file(parsed)
+    if missing is not None:
+        # A report must not create an empty database where none was.
+        raise LedgerUnavailableError(
+            f"database file {missing} not found. Check --database, or create "
+            "the ledger with `spendgate migrate --database URL`"
+        )
+    if parsed.get_backend_name() == "postgresql":
         parsed = _with_connect_timeout(parsed)
 
     try:

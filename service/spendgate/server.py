@@ -543,12 +543,18 @@ def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    cannot_listen = (
+        f"cannot listen on {address}: another server may be using the port, or "
+        "the host is not an address of this machine; stop that server or pass "
+        "another --address HOST:PORT"
+    )
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as error:
-        raise OSError(f"cannot listen on {address}: {error}") from error
+        # grpcio's own message only says to set GRPC_VERBOSITY for details.
+        raise OSError(cannot_listen) from error
     if port == 0:
-        raise OSError(f"cannot listen on {address}; is another server using it?")
+        raise OSError(cannot_listen)
     monitor = DatabaseMonitor(
         ledger,
         health_servicer,

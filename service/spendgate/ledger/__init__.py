@@ -1,6 +1,11 @@
 """The SQL ledger of reservations and spend, with its audit log."""
 
-from spendgate.ledger._engine import check_schema, create_engine, migrate
+from spendgate.ledger._engine import (
+    check_schema,
+    create_engine,
+    migrate,
+    missing_sqlite_file,
+)
 from spendgate.ledger._ledger import (
     CheckRecord,
     CommitRecord,
@@ -18,4 +23,5 @@ __all__ = [
     "check_schema",
     "create_engine",
     "migrate",
+    "missing_sqlite_file",
 ]

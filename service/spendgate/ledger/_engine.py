@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as sqlalchemy_create_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from spendgate.errors import SchemaOutdatedError
 
@@ -134,6 +134,20 @@ def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int) ->
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def missing_sqlite_file(url: str | URL) -> str | None:
+    """Return the file of a SQLite URL when the file does not exist, else None.
+
+    Opening a missing file would create an empty database, so commands that
+    need an existing ledger check this first. Raises ArgumentError for an
+    invalid URL.
+    """
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    return None if Path(database).is_file() else database
+
+
 def alembic_config(url: str | None = None) -> Config:
     """Return an alembic Config pointing at the shipped migrations."""
     config = Config()
@@ -171,8 +185,9 @@ def check_schema(engine: Engine) -> str:
     if current != heads:
         have = ", ".join(sorted(current)) or "none"
         want = ", ".join(sorted(heads))
+        shown = engine.url.render_as_string(hide_password=True)
         raise SchemaOutdatedError(
             f"database schema is at revision {have}, but this spendgate needs {want}; "
-            "run `spendgate migrate --database URL` first"
+            f"run `spendgate migrate --database {shown}` first"
         )
     return next(iter(current))
