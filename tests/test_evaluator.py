@@ -1246,3 +1246,38 @@ def test_decide_enforced_rule_beats_shadow(policy: Policy) -> None:
     assert outcome.reason is Reason.REQUEST_TOO_LARGE
     assert outcome.rule == "departments/trial/limits/max_input_tokens"
     assert outcome.shadow_decision is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        pytest.param(
+            {"department": "eng", "model": "mid", "input_tokens": 6500},
+            "The input is larger than the limit for mid "
+            "(6,500 input tokens, limit 6,000).",
+            id="input-limit",
+        ),
+        pytest.param(
+            {
+                "department": "eng",
+                "team": "narrow",
+                "model": "mid",
+                "input_tokens": 5500,
+            },
+            "The input is larger than the limit for mid "
+            "(5,500 input tokens, context window 5,000).",
+            id="context-window",
+        ),
+        pytest.param(
+            # big: 1,000 x 10.00 + 4,000 x 30.00 = 130,000 micro-USD.
+            {"department": "capped", "model": "big", "input_tokens": 1000},
+            "The estimated cost of big is over the per-request cap "
+            "(estimate $0.130000, cap $0.020000), so mid is used instead.",
+            id="request-cap",
+        ),
+    ],
+)
+def test_limit_message_gives_figures(
+    policy: Policy, fields: dict[str, Any], message: str
+) -> None:
+    assert evaluate(policy, **fields).message == message

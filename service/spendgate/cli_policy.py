@@ -387,8 +387,8 @@ def spend_usage(
             options = sorted(name for name in names if "/budgets/" not in name)
             listed = ", ".join(options) or "none"
             raise SpendError(
-                f"--spend {budget!r} is not a budget of this request"
-                f"{suggest(budget, options)}; its budgets are: {listed}"
+                f"--spend {budget!r} is not a budget of this request. Its budgets "
+                f"are: {listed}{suggest(budget, options)}"
             )
         if subject and normalize_name(subject) != found.subject:
             raise SpendError(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from spendgate import tokens
-from spendgate.money import token_cost_micros
+from spendgate.money import format_usd, token_cost_micros
 from spendgate.policy import Budget, Department, Limits, Model, Policy, Scope, Team
 from spendgate.windows import window_key
 
@@ -140,9 +140,11 @@ class Plan:
     team: Team | None = None
     requested: Candidate | None = None
     candidates: tuple[Candidate, ...] = ()
-    # Why the requested model is not the first candidate, when it is not.
+    # Why the requested model is not the first candidate, when it is not,
+    # with the figures behind it for the message.
     reason: Reason | None = None
     rule: str = ""
+    detail: str = ""
     budgets: tuple[BudgetLine, ...] = ()
     trace: list[str] = field(default_factory=list)
     # Shadow rules that failed the requested model, and the plan with them
@@ -249,7 +251,7 @@ def plan(
         result.final = _deny(
             result.reason,
             result.rule,
-            _message(result.reason, model.name, ""),
+            _message(result.reason, model.name, "", result.detail),
             model.name,
             result.requested,
         )
@@ -330,8 +332,14 @@ def _pick(
     if chosen_index < 0:
         reason = plan.reason or Reason.BUDGET_EXCEEDED
         rule = plan.rule if plan.reason else _rule_of(exceeded)
+        detail = plan.detail if plan.reason else ""
         return _deny(
-            reason, rule, _message(reason, name, ""), name, requested, plan.budgets
+            reason,
+            rule,
+            _message(reason, name, "", detail),
+            name,
+            requested,
+            plan.budgets,
         )
 
     chosen = plan.candidates[chosen_index]
@@ -345,17 +353,18 @@ def _pick(
             chosen,
             plan.budgets,
         )
+    detail = ""
     if requested_ok:
         reason, rule = Reason.BUDGET_EXCEEDED, _rule_of(exceeded)
     else:
         assert plan.reason is not None
-        reason, rule = plan.reason, plan.rule
+        reason, rule, detail = plan.reason, plan.rule, plan.detail
     target = chosen.model.name
     return Outcome(
         Decision.DOWNGRADE,
         reason,
         rule,
-        _message(reason, name, target),
+        _message(reason, name, target, detail),
         name,
         chosen,
         plan.budgets,
@@ -469,10 +478,11 @@ def _add_candidates(
         reason, rule = failure
         result.trace.append(f"{name}: {reason.value} by {rule}")
         if position == 0:
-            result.reason, result.rule = reason, rule
+            detail = _failure_detail(reason, rule, candidate, limits)
+            result.reason, result.rule, result.detail = reason, rule, detail
             if reason is Reason.REQUEST_TOO_LARGE:
                 result.final = _deny(
-                    reason, rule, _message(reason, name, ""), name, candidate
+                    reason, rule, _message(reason, name, "", detail), name, candidate
                 )
                 return
     result.candidates = tuple(candidates)
@@ -594,7 +604,7 @@ def _replace_shadow(outcome: Outcome, would_be: Decision) -> Outcome:
 _MESSAGES = {
     Reason.ALLOWED: "{requested} is allowed.",
     Reason.MODEL_NOT_ALLOWED: "{requested} is not allowed for this department or team",
-    Reason.REQUEST_TOO_LARGE: "The input is larger than the limit for {requested}.",
+    Reason.REQUEST_TOO_LARGE: "The input is larger than the limit for {requested}",
     Reason.REQUEST_TOO_EXPENSIVE: (
         "The estimated cost of {requested} is over the per-request cap"
     ),
@@ -603,10 +613,30 @@ _MESSAGES = {
 }
 
 
-def _message(reason: Reason, requested: str, target: str) -> str:
+def _failure_detail(
+    reason: Reason, rule: str, candidate: Candidate, limits: Limits
+) -> str:
+    """Return the figures behind a failed limit, such as "20,000 input tokens"."""
+    tokens = candidate.input_tokens
+    if rule.endswith("/context_window"):
+        window = candidate.model.context_window
+        return f"{tokens:,} input tokens, context window {window:,}"
+    if reason is Reason.REQUEST_TOO_LARGE and limits.max_input_tokens is not None:
+        return f"{tokens:,} input tokens, limit {limits.max_input_tokens:,}"
+    if reason is Reason.REQUEST_TOO_EXPENSIVE and limits.max_request_micros:
+        estimate = format_usd(candidate.estimate_micros)
+        return f"estimate {estimate}, cap {format_usd(limits.max_request_micros)}"
+    return ""
+
+
+def _message(reason: Reason, requested: str, target: str, detail: str = "") -> str:
     """Write the one-sentence explanation of a decision."""
     text = _MESSAGES[reason].format(requested=requested)
-    if reason in (Reason.ALLOWED, Reason.REQUEST_TOO_LARGE):
+    if detail:
+        text = f"{text} ({detail})"
+    if reason is Reason.REQUEST_TOO_LARGE:
+        return f"{text}."
+    if reason is Reason.ALLOWED:
         return text
     if target:
         return f"{text}, so {target} is used instead."
