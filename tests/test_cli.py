@@ -1186,3 +1186,34 @@ def test_schema_rejects_invalid_documents() -> None:
 
     assert not validator.is_valid(department)
     assert not validator.is_valid(policy_test)
+
+
+def test_check_prints_plain_json(policy_dir: Path, sqlite_database: str) -> None:
+    engine = create_engine(sqlite_database)
+    running = create_server(
+        "127.0.0.1:0", PolicyHolder(load_policy(policy_dir)), Ledger(engine)
+    )
+    try:
+        result = run(
+            "check",
+            "--address",
+            f"127.0.0.1:{running.port}",
+            "--department",
+            "engineering",
+            "--model",
+            "small",
+            "--input-tokens",
+            "1000",
+            "--max-output-tokens",
+            "500",
+        )
+    finally:
+        running.stop(grace=1.0)
+        engine.dispose()
+
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["decision"] == "ALLOW"
+    assert answer["shadow_decision"] is None
+    assert isinstance(answer["estimated_cost_micros"], int)
+    assert answer["input_tokens"] == 1000

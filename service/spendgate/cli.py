@@ -47,7 +47,7 @@ def message_to_json(message: Any) -> dict[str, Any]:
 
     Field names stay snake_case, int64 counts and micro-USD amounts stay
     integers (protobuf's JSON mapping writes them as strings), and
-    decisions read ALLOW, DENY or DOWNGRADE.
+    decisions read ALLOW, DENY or DOWNGRADE, or null when unset.
     """
     from google.protobuf import json_format
 
@@ -77,7 +77,10 @@ def _plain(message: Any, data: dict[str, Any]) -> dict[str, Any]:
         elif field.cpp_type in (field.CPPTYPE_INT64, field.CPPTYPE_UINT64):
             data[name] = int(value)
         elif field.enum_type is not None and isinstance(value, str):
-            data[name] = value.removeprefix("DECISION_")
+            # An unset decision, such as shadow_decision outside shadow mode,
+            # prints as null, as it does in the audit log.
+            unset = value.endswith("_UNSPECIFIED")
+            data[name] = None if unset else value.removeprefix("DECISION_")
     return data
 
 
