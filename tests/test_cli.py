@@ -1194,25 +1194,36 @@ def test_check_prints_plain_json(policy_dir: Path, sqlite_database: str) -> None
         "127.0.0.1:0", PolicyHolder(load_policy(policy_dir)), Ledger(engine)
     )
     try:
-        result = run(
-            "check",
-            "--address",
-            f"127.0.0.1:{running.port}",
-            "--department",
-            "engineering",
-            "--model",
-            "small",
-            "--input-tokens",
-            "1000",
-            "--max-output-tokens",
-            "500",
+        # A process of its own: the command configures structlog with cached
+        # loggers, which would keep this server's loggers from later captures.
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "spendgate",
+                "check",
+                "--address",
+                f"127.0.0.1:{running.port}",
+                "--department",
+                "engineering",
+                "--model",
+                "small",
+                "--input-tokens",
+                "1000",
+                "--max-output-tokens",
+                "500",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     finally:
         running.stop(grace=1.0)
         engine.dispose()
 
-    assert result.exit_code == 0, result.output
-    answer = json.loads(result.stdout)
+    assert completed.returncode == 0, completed.stderr
+    answer = json.loads(completed.stdout)
     assert answer["decision"] == "ALLOW"
     assert answer["shadow_decision"] is None
     assert isinstance(answer["estimated_cost_micros"], int)
