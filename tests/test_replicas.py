@@ -399,6 +399,92 @@ def test_sigkill_mid_load_ledger_consistent(
     assert department_spent == commit_audit.total + expiry_charges
 
 
+def test_sigkill_mid_load_sqlite_consistent(
+    processes: ProcessGroup, sqlite_url: str, write_policy: PolicyWriter
+) -> None:
+    # One process owns a SQLite file, so its units of work share group
+    # commits. A kill mid-group must lose the whole group and nothing else.
+    directory = policy(write_policy, reservation_ttl="2s")
+    (first,) = processes.start(
+        1, directory, sqlite_url, "--workers", WORKERS, "--sweep-interval", "0.25"
+    )
+    stop = threading.Event()
+    committed: dict[str, int] = {}
+    failed: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        index = 0
+        while not stop.is_set():
+            message = check_request(f"sqlite-kill-{worker}-{index}", f"u{worker % 3}")
+            index += 1
+            try:
+                answer = first.stub.Check(message, timeout=5)
+                tokens = 500 + (worker * 37 + index * 101) % 1000
+                commit = first.stub.Commit(
+                    pb.CommitRequest(
+                        reservation_id=answer.reservation_id, input_tokens=tokens
+                    ),
+                    timeout=5,
+                )
+            except grpc.RpcError as error:
+                with lock:
+                    failed.append(error.code())
+                time.sleep(0.02)
+                continue
+            with lock:
+                committed[answer.reservation_id] = commit.cost_micros
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = [pool.submit(client, worker) for worker in range(12)]
+        time.sleep(1.0)
+        first.kill()
+        time.sleep(0.3)
+        stop.set()
+        for future in results:
+            future.result(timeout=60)
+
+    with reader(sqlite_url) as engine:
+        after_kill = usage_mismatches(engine)
+    # A new process on the same file sweeps what the killed one left open.
+    processes.start(1, directory, sqlite_url, "--sweep-interval", "0.25")
+    with reader(sqlite_url) as engine:
+        wait_for(
+            lambda: (
+                fetch(
+                    engine,
+                    "SELECT count(*) AS n FROM reservations WHERE state = 'open'",
+                )[0].n
+                == 0
+            ),
+            "the new process to settle every open reservation",
+        )
+        after_sweep = usage_mismatches(engine)
+        stored = {
+            row.id: row.actual_micros
+            for row in fetch(
+                engine,
+                "SELECT id, actual_micros FROM reservations WHERE state = 'committed'",
+            )
+        }
+        commit_audit = fetch(
+            engine,
+            "SELECT coalesce(sum(actual_micros), 0) AS total, count(*) AS n"
+            " FROM audit_events WHERE event = 'commit'",
+        )[0]
+
+    assert first.process.returncode == -signal.SIGKILL
+    assert failed, "killing the process failed no call"
+    assert committed, "no Commit finished before the kill"
+    assert after_kill == []
+    assert after_sweep == []
+    # A Commit can land just before the kill and lose only its answer.
+    assert set(committed) <= set(stored)
+    assert all(stored[rid] == cost for rid, cost in committed.items())
+    assert commit_audit.n == len(stored)
+    assert commit_audit.total == sum(stored.values())
+
+
 def test_sigterm_drains_in_flight_calls(
     processes: ProcessGroup,
     sqlite_url: str,
