@@ -12,6 +12,7 @@ import click
 import structlog
 
 from spendgate import logs
+from spendgate.errors import count_errors
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_DATABASE = "sqlite:///var/spendgate.db"
@@ -362,9 +363,8 @@ def validate(directory: Path, output_format: str) -> None:
                 summary += f", {len(result.warnings)} warnings"
             click.echo(summary)
         else:
-            count = len(result.errors)
-            noun = "error" if count == 1 else "errors"
-            click.echo(f"{directory}: invalid, {count} {noun}", err=True)
+            count = count_errors(len(result.errors))
+            click.echo(f"{directory}: invalid, {count}", err=True)
     sys.exit(EXIT_OK if result.policy is not None else EXIT_INVALID_POLICY)
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
+from spendgate.errors import count_errors
 from spendgate.money import format_usd, usd_to_micros
 from spendgate.policy._schema import MAX_USD
 
@@ -106,7 +107,7 @@ def test_command(directory: Path, output_format: str, output: Path | None) -> No
     is found, 3 when the policy or a test file is invalid and 2 on usage
     errors.
     """
-    from spendgate.cli import EXIT_INVALID_POLICY, EXIT_OK
+    from spendgate.cli import EXIT_OK
     from spendgate.policytest import read_tests, run_tests
 
     policy = _load_policy(directory)
@@ -114,11 +115,7 @@ def test_command(directory: Path, output_format: str, output: Path | None) -> No
     for problem in loaded.warnings:
         click.echo(f"warning: {problem}", err=True)
     if loaded.errors:
-        _print_errors(loaded.errors)
-        count = len(loaded.errors)
-        noun = "error" if count == 1 else "errors"
-        click.echo(f"{directory}: invalid policy tests, {count} {noun}", err=True)
-        sys.exit(EXIT_INVALID_POLICY)
+        _exit_invalid(directory, "invalid policy tests", loaded.errors)
     if not loaded.tests:
         click.echo(
             f"error: no test ran: found no document of kind PolicyTest under "
@@ -251,7 +248,7 @@ def explain_command(
 
 def _load_policy(directory: Path) -> Policy:
     """Load DIRECTORY's policy, or exit 2 or 3 after printing why."""
-    from spendgate.cli import EXIT_INVALID_POLICY, EXIT_USAGE
+    from spendgate.cli import EXIT_USAGE
     from spendgate.policy import read_policy
 
     if not directory.is_dir():
@@ -261,11 +258,7 @@ def _load_policy(directory: Path) -> Policy:
     for problem in result.warnings:
         click.echo(f"warning: {problem}", err=True)
     if result.policy is None:
-        _print_errors(result.errors)
-        count = len(result.errors)
-        noun = "error" if count == 1 else "errors"
-        click.echo(f"{directory}: invalid policy, {count} {noun}", err=True)
-        sys.exit(EXIT_INVALID_POLICY)
+        _exit_invalid(directory, "invalid policy", result.errors)
     return result.policy
 
 
@@ -300,9 +293,14 @@ def read_prompt(
         ) from None
 
 
-def _print_errors(problems: list[Problem]) -> None:
+def _exit_invalid(directory: Path, summary: str, problems: list[Problem]) -> NoReturn:
+    """Print every problem and a summary line, then exit with EXIT_INVALID_POLICY."""
+    from spendgate.cli import EXIT_INVALID_POLICY
+
     for problem in problems:
         click.echo(str(problem), err=True)
+    click.echo(f"{directory}: {summary}, {count_errors(len(problems))}", err=True)
+    sys.exit(EXIT_INVALID_POLICY)
 
 
 def _parse_time(text: str | None) -> datetime:

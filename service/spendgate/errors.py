@@ -38,15 +38,19 @@ class Problem:
         return f"{where}: {self.message}"
 
 
+def count_errors(count: int) -> str:
+    """Return "1 error" or "N errors", for summary lines."""
+    return f"{count} error" if count == 1 else f"{count} errors"
+
+
 class PolicyError(SpendgateError):
     """A policy directory is invalid; `problems` lists every error found."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = tuple(problems)
-        count = len(self.problems)
         lines = "\n".join(str(problem) for problem in self.problems)
-        noun = "error" if count == 1 else "errors"
-        super().__init__(f"policy set is invalid ({count} {noun}):\n{lines}")
+        count = count_errors(len(self.problems))
+        super().__init__(f"policy set is invalid ({count}):\n{lines}")
 
 
 class RequestError(SpendgateError):
