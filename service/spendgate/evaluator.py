@@ -238,11 +238,9 @@ def plan(
     result.team = department.teams.get(normalize_name(request.team))
     result.budgets = _budget_lines(policy, department, result.team, request, now)
     # A shadow department already decides everything in shadow.
-    relaxed = (
-        frozenset()
-        if enforce_shadow_rules or department.shadow
-        else (department.shadow_rules)
-    )
+    relaxed: frozenset[str] = frozenset()
+    if not enforce_shadow_rules and not department.shadow:
+        relaxed = department.shadow_rules
     _add_candidates(policy, result, model, request, count, relaxed)
     if result.shadow_failures:
         result.enforced = plan(policy, request, now, count, enforce_shadow_rules=True)
@@ -278,9 +276,7 @@ def decide(plan: Plan, usage: Mapping[str, Usage]) -> Outcome:
         f" Shadow rule {rules} would have answered {would_be.decision.value}"
         f" ({would_be.reason.value})."
     )
-    return replace(
-        outcome, message=outcome.message + note, shadow_decision=would_be.decision
-    )
+    return _replace_shadow(outcome, would_be.decision, note)
 
 
 def _decide(plan: Plan, usage: Mapping[str, Usage]) -> Outcome:
@@ -588,17 +584,9 @@ def _shadowed(would_be: Outcome, requested: Candidate) -> Outcome:
     )
 
 
-def _replace_shadow(outcome: Outcome, would_be: Decision) -> Outcome:
-    return Outcome(
-        outcome.decision,
-        outcome.reason,
-        outcome.rule,
-        outcome.message,
-        outcome.requested_model,
-        outcome.candidate,
-        outcome.budgets,
-        shadow_decision=would_be,
-    )
+def _replace_shadow(outcome: Outcome, would_be: Decision, note: str = "") -> Outcome:
+    """Record the decision a shadow budget or rule would have made, and a note."""
+    return replace(outcome, message=outcome.message + note, shadow_decision=would_be)
 
 
 _MESSAGES = {
