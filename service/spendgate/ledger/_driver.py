@@ -352,17 +352,13 @@ class _GroupCommit:
         queue would wait forever for a group no thread runs. A unit already in a
         group runs and commits without its caller.
         """
-        following: _Unit[Any] | None = None
         with self._lock:
             if unit not in self._queue:
                 return
             self._queue.remove(unit)
             if not unit.lead:
                 return
-            following = self._queue[0] if self._queue else None
-            self._running = following is not None
-            if following is not None:
-                following.lead = True
+            following = self._hand_on()
         if following is not None:
             following.ready.set()
 
@@ -378,15 +374,24 @@ class _GroupCommit:
             with self._lock:
                 self._transactions += 1
                 self._units += len(group)
-                following = self._queue[0] if self._queue else None
-                self._running = following is not None
-                if following is not None:
-                    # Set under the lock, so _withdraw reads who leads next.
-                    following.lead = True
+                following = self._hand_on()
             for unit in group:
                 unit.ready.set()
             if following is not None:
                 following.ready.set()
+
+    def _hand_on(self) -> _Unit[Any] | None:
+        """Make the first queued unit the next leader; call with the lock held.
+
+        Returns that unit, for the caller to wake once the lock is released,
+        or None when the queue is empty and no group is running any more.
+        """
+        following = self._queue[0] if self._queue else None
+        self._running = following is not None
+        if following is not None:
+            # Set under the lock, so _withdraw reads who leads next.
+            following.lead = True
+        return following
 
     def _run_group(self, group: list[_Unit[Any]]) -> None:
         driver = self._driver
