@@ -600,7 +600,7 @@ def test_serve_rejects_outdated_schema(
     assert "server_started" not in launched.event_names()
 
 
-def test_serve_rejects_missing_sqlite_file(
+def test_serve_rejects_missing_sqlite_error(
     processes: ProcessGroup, tmp_path: Path, write_policy: PolicyWriter
 ) -> None:
     missing = tmp_path / "never-migrated.db"
@@ -611,7 +611,7 @@ def test_serve_rejects_missing_sqlite_file(
 
     log = launched.log_text()
     assert code == 1
-    assert f"the ledger database {missing} does not exist" in log
+    assert f"database file {missing} not found" in log
     assert f"`spendgate migrate --database {database_url}`" in log
     # Opening the file would have created an empty database.
     assert not missing.exists()

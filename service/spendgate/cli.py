@@ -207,7 +207,6 @@ def serve(
     grace: float,
 ) -> None:
     """Serve the SpendGate gRPC API."""
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     from spendgate import ledger, server, tokens
@@ -224,14 +223,9 @@ def serve(
         sys.exit(EXIT_INVALID_POLICY)
     tokens.preload()
     try:
-        missing = ledger.missing_sqlite_file(database)
+        missing = ledger.missing_sqlite_error(database)
         if missing is not None:
-            click.echo(
-                f"error: the ledger database {missing} does not exist; create it "
-                "with `spendgate migrate --database "
-                f"{make_url(database).render_as_string(hide_password=True)}`",
-                err=True,
-            )
+            click.echo(f"error: {missing}", err=True)
             sys.exit(1)
         engine = ledger.create_engine(
             database,

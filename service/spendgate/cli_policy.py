@@ -419,9 +419,9 @@ def _usage_reader(
         parsed = make_url(database)
     except ArgumentError as error:
         raise click.BadParameter(str(error), param_hint="--database") from error
-    missing = ledger.missing_sqlite_file(parsed)
+    missing = ledger.missing_sqlite_error(parsed)
     if missing is not None:
-        click.echo(f"error: ledger database {missing} not found", err=True)
+        click.echo(f"error: {missing}", err=True)
         sys.exit(EXIT_USAGE)
     engine = ledger.create_engine(database, pool_size=1)
     try:

@@ -87,13 +87,10 @@ def open_ledger(url: str) -> Engine:
     except ArgumentError as error:
         raise _invalid_url(url, error) from None
     display_url = parsed.render_as_string(hide_password=True)
-    missing = ledger.missing_sqlite_file(parsed)
+    missing = ledger.missing_sqlite_error(parsed)
     if missing is not None:
         # A report must not create an empty database where none was.
-        raise LedgerUnavailableError(
-            f"database file {missing} not found. Check --database, or create "
-            "the ledger with `spendgate migrate --database URL`"
-        )
+        raise LedgerUnavailableError(missing)
     if parsed.get_backend_name() == "postgresql":
         parsed = _with_connect_timeout(parsed)
 

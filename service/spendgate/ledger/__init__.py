@@ -4,7 +4,7 @@ from spendgate.ledger._engine import (
     check_schema,
     create_engine,
     migrate,
-    missing_sqlite_file,
+    missing_sqlite_error,
 )
 from spendgate.ledger._ledger import (
     CheckRecord,
@@ -23,5 +23,5 @@ __all__ = [
     "check_schema",
     "create_engine",
     "migrate",
-    "missing_sqlite_file",
+    "missing_sqlite_error",
 ]

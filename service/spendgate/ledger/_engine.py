@@ -134,8 +134,8 @@ def _configure_sqlite(engine: Engine, synchronous: str, busy_timeout_ms: int) ->
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def missing_sqlite_file(url: str | URL) -> str | None:
-    """Return the file of a SQLite URL when the file does not exist, else None.
+def missing_sqlite_error(url: str | URL) -> str | None:
+    """Return an error message when a SQLite URL's file does not exist, else None.
 
     Opening a missing file would create an empty database, so commands that
     need an existing ledger check this first. Raises ArgumentError for an
@@ -145,7 +145,13 @@ def missing_sqlite_file(url: str | URL) -> str | None:
     database = parsed.database or ""
     if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
         return None
-    return None if Path(database).is_file() else database
+    if Path(database).is_file():
+        return None
+    shown = parsed.render_as_string(hide_password=True)
+    return (
+        f"database file {database} not found. Check --database, or create the "
+        f"ledger with `spendgate migrate --database {shown}`"
+    )
 
 
 def alembic_config(url: str | None = None) -> Config:
