@@ -427,8 +427,8 @@ def test_migrate_postgres_schema(postgres_url: str) -> None:
 UNITS = Table("units", MetaData(), Column("name", String(20), primary_key=True))
 
 
-class Held:
-    """A unit of work that writes one row, then holds its group until released."""
+class BlockingUnit:
+    """A unit of work that writes one row, then keeps its group open until released."""
 
     def __init__(self, driver: Driver, name: str) -> None:
         self.insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
@@ -462,7 +462,7 @@ def run_grouped_on(
     """Run names through `driver` in one group, as run_grouped() does."""
     UNITS.metadata.create_all(driver.engine)
     insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
-    held = Held(driver, "first")
+    blocker = BlockingUnit(driver, "first")
     outcomes: list[str | BaseException] = [""] * len(names)
 
     def queue(index: int) -> None:
@@ -475,11 +475,11 @@ def run_grouped_on(
             outcomes[index] = error
 
     with ThreadPoolExecutor(max_workers=len(names) + 1) as pool:
-        first = pool.submit(driver.run, held)
-        assert held.entered.wait(timeout=30)
+        first = pool.submit(driver.run, blocker)
+        assert blocker.entered.wait(timeout=30)
         queued = [pool.submit(queue, index) for index in range(len(names))]
         wait_for(lambda: driver.group_counts().queued == len(names), "units to queue")
-        held.release.set()
+        blocker.release.set()
         assert first.result(timeout=30) == "first"
         for future in queued:
             future.result(timeout=30)
@@ -524,7 +524,7 @@ def test_group_commit_survives_interrupted_wait(sqlite_url: str) -> None:
     UNITS.metadata.create_all(engine)
     driver = Driver(engine)
     insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
-    held = Held(driver, "first")
+    blocker = BlockingUnit(driver, "first")
     main = threading.get_ident()
     results: dict[str, object] = {}
 
@@ -542,13 +542,13 @@ def test_group_commit_survives_interrupted_wait(sqlite_url: str) -> None:
     def on_signal(_signum: int, _frame: object) -> None:
         raise Interrupted
 
-    first = threading.Thread(target=driver.run, args=(held,), daemon=True)
+    first = threading.Thread(target=driver.run, args=(blocker,), daemon=True)
     behind = threading.Thread(target=run_unit, args=("behind",), daemon=True)
     later = threading.Thread(target=run_unit, args=("later",), daemon=True)
     previous = signal.signal(signal.SIGUSR1, on_signal)
     try:
         first.start()
-        assert held.entered.wait(timeout=30)
+        assert blocker.entered.wait(timeout=30)
         threading.Thread(target=interrupt_main, daemon=True).start()
         with pytest.raises(Interrupted):
             driver.run(
@@ -556,7 +556,7 @@ def test_group_commit_survives_interrupted_wait(sqlite_url: str) -> None:
             )
     finally:
         signal.signal(signal.SIGUSR1, previous)
-        held.release.set()
+        blocker.release.set()
     behind.join(timeout=10)
     later.start()
     later.join(timeout=10)
@@ -757,7 +757,7 @@ def test_group_commit_interrupt_stays_with_leader(sqlite_url: str) -> None:
     UNITS.metadata.create_all(engine)
     driver = Driver(engine)
     insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
-    held = Held(driver, "first")
+    blocker = BlockingUnit(driver, "first")
 
     def interrupt(_transaction: Transaction) -> str:
         raise Interrupt
@@ -770,14 +770,14 @@ def test_group_commit_interrupt_stays_with_leader(sqlite_url: str) -> None:
         return work
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        first = pool.submit(driver.run, held)
-        assert held.entered.wait(timeout=30)
+        first = pool.submit(driver.run, blocker)
+        assert blocker.entered.wait(timeout=30)
         # Queued first, so it leads the next group.
         leader = pool.submit(driver.run, interrupt)
         wait_for(lambda: driver.group_counts().queued == 1, "the leader to queue")
         others = [pool.submit(driver.run, write(name)) for name in ("c", "d")]
         wait_for(lambda: driver.group_counts().queued == 3, "units to queue")
-        held.release.set()
+        blocker.release.set()
         first_result = first.result(timeout=30)
         leader_error = leader.exception(timeout=30)
         other_errors = [future.exception(timeout=30) for future in others]

@@ -478,7 +478,7 @@ def test_sigkill_mid_load_sqlite_consistent(
     assert committed, "no Commit finished before the kill"
     assert after_kill == []
     assert after_sweep == []
-    # A Commit can land just before the kill and lose only its answer.
+    # A Commit can land just before the kill and lose only its response.
     assert set(committed) <= set(stored)
     assert all(stored[rid] == cost for rid, cost in committed.items())
     assert commit_audit.n == len(stored)

@@ -462,6 +462,8 @@ def _add_candidates(
                 f"{name}: {reason.value} by shadow rule {rule}, not enforced"
             )
             if position == 0:
+                # NOTE: _failure returns one rule, so when the requested model
+                # fails two shadow rules, the message names only the first.
                 result.shadow_failures.append(rule)
             failure = None
         if failure is None:

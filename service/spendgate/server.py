@@ -551,7 +551,7 @@ def create_server(
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as error:
-        # grpcio's own message only says to set GRPC_VERBOSITY for details.
+        # grpcio's own message only suggests setting GRPC_VERBOSITY for details.
         raise OSError(cannot_listen) from error
     if port == 0:
         raise OSError(cannot_listen)

@@ -582,6 +582,7 @@ class Ledger:
     ) -> CommitRecord:
         input_tokens, cached_input_tokens, output_tokens = reported
         row = self._reservation(transaction, reservation_id)
+
         if row.state == "committed":
             usage = (row.input_tokens, row.cached_input_tokens, row.output_tokens)
             if usage != reported:
@@ -595,6 +596,7 @@ class Ledger:
             raise ConflictError(
                 f"reservation {reservation_id} was released; it cannot be committed"
             )
+
         cost = token_cost_micros(
             tokens_and_prices=(
                 (input_tokens - cached_input_tokens, row.input_price_micros),
@@ -604,6 +606,7 @@ class Ledger:
         )
         held = row.estimated_micros if row.state == "open" else 0
         spent_delta = cost - row.charged_micros
+
         self._move(transaction, reservation_id, -held, spent_delta, stamp)
         transaction.execute(
             self._mark_committed,

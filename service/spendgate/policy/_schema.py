@@ -291,7 +291,7 @@ suggest = _suggest
 
 
 def _timezone_problem(name: str) -> str | None:
-    """Return why `name` is not a timezone zoneinfo knows, or None."""
+    """Return why `name` is not a timezone in the zoneinfo database, or None."""
     try:
         ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
