@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ class Samples:
     elapsed: float = 0.0
     last_first_response: Any = None
     last_second_response: Any = None
+    # CPU seconds the server process and this client process spent during
+    # the run, when the caller measured them.
+    server_cpu_seconds: float = math.nan
+    client_cpu_seconds: float = math.nan
 
     def merge(self, other: Samples) -> None:
         """Add the samples and counts of `other` to these."""

@@ -1,4 +1,4 @@
-"""Start the servers under test as separate processes and read their memory."""
+"""Start the servers under test as separate processes and read their memory and CPU."""
 
 from __future__ import annotations
 
@@ -61,6 +61,15 @@ def read_rss_bytes(pid: int) -> int:
             kilobytes = int(line.split()[1])
             return kilobytes * 1024
     raise ValueError(f"/proc/{pid}/status has no VmRSS line")
+
+
+def read_cpu_seconds(pid: int) -> float:
+    """Return the user and system CPU time of process `pid` so far (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    # The command name in parentheses may hold spaces, so split after it.
+    fields = stat.rsplit(")", 1)[1].split()
+    user, system = int(fields[11]), int(fields[12])
+    return (user + system) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

@@ -117,6 +117,8 @@ def _throughput_table(run: RunResult) -> Table:
                 _ms(check.loaded_first.p50_ms),
                 _ms(check.loaded_first.p99_ms),
                 _ms(check.loaded_second.p50_ms),
+                _ms(check.server_cpu_ms),
+                _ms(echo.server_cpu_ms),
                 _outcomes(result) + (f", {errors} errors" if errors else ""),
             )
         )
@@ -131,12 +133,16 @@ def _throughput_table(run: RunResult) -> Table:
             "Check p50 ms",
             "Check p99 ms",
             "Commit p50 ms",
+            "server CPU ms/pair",
+            "echo CPU ms/pair",
             "decisions",
         ),
         rows,
         (
             "Each client calls Check, then Commit with the reservation, as an "
             "application does; the echo clients send two echoes of the same sizes.",
+            "CPU ms/pair: CPU time of the server process over the run, from "
+            "/proc, per completed pair.",
         ),
     )
 
@@ -454,6 +460,91 @@ def targets(run: RunResult) -> list[Target]:
     return found
 
 
+def _room_table(run: RunResult) -> Table | None:
+    """Set what each target leaves for spendgate's own work against that work."""
+    result = run.find(HEADLINE_SCENARIO, "sqlite")
+    own = run.own_work
+    if result is None or own is None:
+        return None
+    echo_ms = result.echo.sequential_first.p50_ms
+    floor_ms = own.tokenize_ms + own.check_sqlite_ms
+    work = (
+        f"{own.check_ms:.2f} ms a Check: tiktoken {own.tokenize_ms:.2f}, "
+        f"SQLite {own.check_sqlite_ms:.2f}, the rest Python"
+    )
+    bound = (
+        f"Check p50 >= {echo_ms + own.check_ms:.2f} ms = "
+        f"{(echo_ms + own.check_ms) / echo_ms:.2f}x echo; with no Python at all "
+        f"{(echo_ms + floor_ms) / echo_ms:.2f}x"
+    )
+    rows = [
+        (
+            f"Check p50 <= {TARGET_P50_RATIO}x echo p50",
+            f"{(TARGET_P50_RATIO - 1) * echo_ms:.2f} ms a Check",
+            work,
+            bound,
+        )
+    ]
+    if run.peer is not None:
+        cerbos_ms = run.peer.result.sequential_first.p50_ms
+        rows.append(
+            (
+                "Check p50 < Cerbos p50",
+                f"{cerbos_ms - echo_ms:.2f} ms a Check",
+                work,
+                f"Check p50 >= {echo_ms + own.check_ms:.2f} ms, with no Python "
+                f"{echo_ms + floor_ms:.2f} ms; Cerbos {cerbos_ms:.2f} ms",
+            )
+        )
+    cores = int(run.machine.get("cores", "0") or 0)
+    echo, check = result.echo, result.check
+    fixed_ms = echo.server_cpu_ms + check.client_cpu_ms
+    if cores and not math.isnan(fixed_ms):
+        target_rate = TARGET_THROUGHPUT_SHARE * echo.pairs_per_second
+        room_ms = cores * 1000 / target_rate - fixed_ms
+        most = cores * 1000 / (fixed_ms + own.pair_ms)
+        pair_floor_ms = own.tokenize_ms + own.check_sqlite_ms + own.commit_sqlite_ms
+        most_floor = cores * 1000 / (fixed_ms + pair_floor_ms)
+        rows.append(
+            (
+                f"{run.clients}-client throughput >= "
+                f"{TARGET_THROUGHPUT_SHARE:.0%} of echo",
+                f"{room_ms:.2f} ms of CPU a pair",
+                f"{own.pair_ms:.2f} ms a Check+Commit pair: tiktoken "
+                f"{own.tokenize_ms:.2f}, SQLite "
+                f"{own.check_sqlite_ms + own.commit_sqlite_ms:.2f}, the rest Python",
+                f"at most {most / echo.pairs_per_second:.0%} of echo; with no "
+                f"Python at all {most_floor / echo.pairs_per_second:.0%}",
+            )
+        )
+    return Table(
+        "What each target leaves for spendgate's own work",
+        (
+            "target",
+            "room for own work",
+            "own work, in-process",
+            "least cost it implies",
+        ),
+        rows,
+        (
+            f"Own work: median of {own.pairs} {HEADLINE_SCENARIO} Check and "
+            "Commit handlers called directly on one thread on SQLite, with no "
+            "gRPC (bench/_own_work.py): what a Check adds to the echo's work on "
+            "any server model. tiktoken: encode_ordinary alone on the same "
+            "prompts. SQLite: time inside sqlite3's C methods, from a profile hook. "
+            "'With no Python at all' counts only those two.",
+            "Latency room: the target's p50 less the echo's p50 in this run.",
+            f"Throughput room: at {TARGET_THROUGHPUT_SHARE:.0%} of the echo's "
+            f"pairs/s, the {cores} cores' CPU time a pair, less the echo server's "
+            f"CPU a pair ({echo.server_cpu_ms:.2f} ms) and the client's CPU a "
+            f"spendgate pair ({check.client_cpu_ms:.2f} ms), from /proc over the "
+            "32-client runs. The bound assumes every core busy and no cost for "
+            "threads or the GIL; spendgate's server used "
+            f"{check.server_cpu_ms:.2f} ms of CPU a pair.",
+        ),
+    )
+
+
 def _target_table(run: RunResult) -> Table | None:
     found = targets(run)
     if not found:
@@ -470,7 +561,12 @@ def tables(run: RunResult) -> list[Table]:
     """Return the report's tables in reading order, leaving out empty ones."""
     found: list[Table | None] = []
     if run.scenarios:
-        found += [_target_table(run), _latency_table(run), _throughput_table(run)]
+        found += [
+            _target_table(run),
+            _room_table(run),
+            _latency_table(run),
+            _throughput_table(run),
+        ]
     found += [
         _driver_table(run),
         _server_model_table(run),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from _counting import CountTimes
 from _drivers import Samples
+from _own_work import OwnWork
 from _profile import Breakdown
 
 
@@ -52,12 +53,17 @@ class Pair:
     loaded_second: Latency
     outcomes: collections.Counter[str]
     errors: collections.Counter[str]
+    # CPU milliseconds the server and the client spent on each pair of the
+    # concurrent run (NaN when not measured).
+    server_cpu_ms: float = math.nan
+    client_cpu_ms: float = math.nan
 
     @classmethod
     def of(cls, sequential: Samples, concurrent: Samples) -> Pair:
         """Summarise a sequential run and a concurrent run of one workload."""
         outcomes = sequential.outcomes + concurrent.outcomes
         errors = sequential.errors + concurrent.errors
+        pairs = concurrent.pairs or math.nan
         return cls(
             Latency.of(sequential.first),
             Latency.of(sequential.second),
@@ -66,6 +72,8 @@ class Pair:
             Latency.of(concurrent.second),
             outcomes,
             errors,
+            concurrent.server_cpu_seconds * 1000 / pairs,
+            concurrent.client_cpu_seconds * 1000 / pairs,
         )
 
 
@@ -141,6 +149,7 @@ class RunResult:
     peer: PeerResult | None = None
     profile: ProfileResult | None = None
     counting: CountTimes | None = None
+    own_work: OwnWork | None = None
     memory: list[MemorySample] = field(default_factory=list)
     soak: list[SoakSample] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ import sqlalchemy
 import _cerbos
 import _counting
 import _drivers
+import _own_work
 import _postgres
 import _procs
 import _profile
@@ -204,6 +206,11 @@ def _serve(database: str, name: str, settings: Settings) -> _procs.ServerProcess
     )
 
 
+def _client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -233,17 +240,39 @@ class Bench:
         self.echo_server: _procs.ServerProcess | None = None
 
     def measure_pair(
-        self, address: str, workload: _drivers.Workload, calls: int, label: str
+        self,
+        server: _procs.ServerProcess,
+        workload: _drivers.Workload,
+        calls: int,
+        label: str,
     ) -> tuple[_drivers.Samples, _drivers.Samples]:
-        """Run `workload` with one client in sequence, then with many at once."""
+        """Run `workload` with one client in sequence, then with many at once.
+
+        The concurrent run also records the CPU time of the server process
+        and of this process, whose client spends its share of the cores.
+        """
         settings = self.settings
         sequential = _drivers.sequential(
-            address, workload, calls, settings.sequential_seconds, settings.warmup
+            server.address,
+            workload,
+            calls,
+            settings.sequential_seconds,
+            settings.warmup,
         )
         _check_samples(f"{label}, sequential", sequential)
+        server_before = _procs.read_cpu_seconds(server.process.pid)
+        client_before = _client_cpu_seconds()
         concurrent = _drivers.DRIVERS[settings.driver](
-            address, workload, settings.clients, settings.seconds, MAX_PAIRS_PER_CLIENT
+            server.address,
+            workload,
+            settings.clients,
+            settings.seconds,
+            MAX_PAIRS_PER_CLIENT,
         )
+        concurrent.server_cpu_seconds = (
+            _procs.read_cpu_seconds(server.process.pid) - server_before
+        )
+        concurrent.client_cpu_seconds = _client_cpu_seconds() - client_before
         _check_samples(f"{label}, concurrent", concurrent)
         return sequential, concurrent
 
@@ -254,9 +283,7 @@ class Bench:
         calls = self.settings.heavy_calls if scenario.heavy else self.settings.calls
         workload = CheckCommit(scenario)
         label = f"{scenario.name} on {ledger}"
-        sequential, concurrent = self.measure_pair(
-            server.address, workload, calls, label
-        )
+        sequential, concurrent = self.measure_pair(server, workload, calls, label)
         check = Pair.of(sequential, concurrent)
         last_check = sequential.last_first_response
         last_commit = sequential.last_second_response
@@ -275,7 +302,7 @@ class Bench:
             assert self.echo_server is not None
             self.echo[scenario.name] = Pair.of(
                 *self.measure_pair(
-                    self.echo_server.address, echo_workload, calls, f"echo {label}"
+                    self.echo_server, echo_workload, calls, f"echo {label}"
                 )
             )
             if (
@@ -355,7 +382,7 @@ class Bench:
         )
         try:
             self.run.server_models["grpc.aio"] = Pair.of(
-                *self.measure_pair(aio.address, echo_workload, calls, "aio echo")
+                *self.measure_pair(aio, echo_workload, calls, "aio echo")
             )
         finally:
             aio.stop()
@@ -409,7 +436,7 @@ def _peer_pass(bench: Bench) -> None:
         workload = _cerbos.CheckResources(server.address)
         disagreements = _cerbos.verify_equivalence(workload, server.address, policy)
         sequential, concurrent = bench.measure_pair(
-            server.address, workload, bench.settings.calls, "Cerbos"
+            server, workload, bench.settings.calls, "Cerbos"
         )
         bench.run.peer = PeerResult(
             _cerbos.VERSION, Pair.of(sequential, concurrent), disagreements
@@ -477,6 +504,15 @@ def _profile_pass(bench: Bench) -> None:
 def _full_run(settings: Settings, run: RunResult) -> None:
     _say("Token counting in this process")
     run.counting = _counting.measure()
+    _say("Own work of a Check and a Commit in this process")
+    typical = next(s for s in SCENARIOS if s.name == _report.HEADLINE_SCENARIO)
+    run.own_work = _own_work.measure(
+        typical,
+        POLICY_DIR,
+        _fresh_sqlite("own-work"),
+        WORK_DIR / "own-work.log",
+        settings.calls,
+    )
     bench = Bench(settings, run)
     bench.echo_server = _procs.start(
         "echo server",

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 
-def configure(level: str = "info", *, json: bool | None = None) -> None:
-    """Configure structlog: JSON when stderr is not a terminal, or as `json` sets."""
+def configure(
+    level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
+) -> None:
+    """Configure structlog to write to `stream`, standard error by default.
+
+    Lines are JSON when the stream is not a terminal, or as `json` sets.
+    """
+    stream = sys.stderr if stream is None else stream
     if json is None:
-        json = not sys.stderr.isatty()
+        json = not stream.isatty()
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if json
@@ -28,6 +35,6 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
