@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -34,7 +35,15 @@ from conftest import START, PolicyWriter, ServeFactory
 from spendgate import evaluator
 from spendgate.errors import ConflictError, LedgerUnavailableError, NotFoundError
 from spendgate.evaluator import Decision, Reason
-from spendgate.ledger import CheckRecord, Ledger, Principal, check_schema, create_engine
+from spendgate.ledger import (
+    CheckRecord,
+    Ledger,
+    Principal,
+    WouldBlock,
+    check_schema,
+    create_engine,
+    no_wait,
+)
 from spendgate.ledger._driver import Driver, Transaction
 from spendgate.ledger._tables import audit_events, reservations
 from spendgate.policy import ExpiryAction, Policy, Scope, load_policy
@@ -787,3 +796,74 @@ def test_group_commit_interrupt_stays_with_leader(sqlite_url: str) -> None:
     assert [type(error) for error in other_errors] == [LedgerUnavailableError] * 2
     assert stored_units(driver) == ["first"]
     engine.dispose()
+
+
+def insert_unit(driver: Driver, name: str) -> Callable[[Transaction], str]:
+    insert = driver.compile(UNITS.insert().values(name=bindparam("name")))
+    return lambda transaction: transaction.execute(insert, {"name": name}) and name
+
+
+def run_without_waiting(driver: Driver, work: Callable[[Transaction], T]) -> T:
+    token = no_wait.set(True)
+    try:
+        return driver.run(work)
+    finally:
+        no_wait.reset(token)
+
+
+def test_no_wait_runs_alone_at_once(sqlite_url: str) -> None:
+    engine = create_engine(sqlite_url)
+    UNITS.metadata.create_all(engine)
+    driver = Driver(engine)
+
+    assert run_without_waiting(driver, insert_unit(driver, "a")) == "a"
+    assert driver.group_counts() == (1, 1, 0)
+    assert stored_units(driver) == ["a"]
+
+
+def test_no_wait_would_block_behind_another_connection(sqlite_url: str) -> None:
+    engine = create_engine(sqlite_url, sqlite_busy_timeout_ms=10_000)
+    UNITS.metadata.create_all(engine)
+    driver = Driver(engine)
+    database = engine.url.database
+    assert database is not None
+    # Timer threads end the blocker's transaction, so it may change threads.
+    blocker = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(WouldBlock):
+            run_without_waiting(driver, insert_unit(driver, "refused"))
+        refused_after = time.monotonic() - started
+        # The same connection waits again once no_wait is off: the busy
+        # timeout came back after the refused BEGIN.
+        threading.Timer(0.5, lambda: blocker.execute("ROLLBACK")).start()
+        waited = driver.run(insert_unit(driver, "waited"))
+    finally:
+        blocker.close()
+
+    assert refused_after < 1.0
+    assert waited == "waited"
+    assert stored_units(driver) == ["waited"]
+
+
+def test_no_wait_would_block_behind_a_running_group(sqlite_url: str) -> None:
+    engine = create_engine(sqlite_url)
+    UNITS.metadata.create_all(engine)
+    driver = Driver(engine)
+    holder = BlockingUnit(driver, "first")
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(driver.run, holder)
+        assert holder.entered.wait(timeout=30)
+        try:
+            with pytest.raises(WouldBlock):
+                run_without_waiting(driver, insert_unit(driver, "refused"))
+        finally:
+            holder.release.set()
+        assert first.result(timeout=30) == "first"
+    after = run_without_waiting(driver, insert_unit(driver, "after"))
+
+    assert after == "after"
+    assert stored_units(driver) == ["after", "first"]
+    assert driver.group_counts().queued == 0

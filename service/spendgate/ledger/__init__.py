@@ -1,5 +1,6 @@
 """The SQL ledger of reservations and spend, with its audit log."""
 
+from spendgate.ledger._driver import WouldBlock, no_wait
 from spendgate.ledger._engine import (
     check_schema,
     create_engine,
@@ -20,8 +21,10 @@ __all__ = [
     "Ledger",
     "Principal",
     "ReleaseRecord",
+    "WouldBlock",
     "check_schema",
     "create_engine",
     "migrate",
     "missing_sqlite_error",
+    "no_wait",
 ]

@@ -11,10 +11,12 @@ exception classes, so callers handle one family of errors on every path.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections import deque, namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -33,6 +35,19 @@ T = TypeVar("T")
 
 # Maximum units of work in one SQLite transaction. Later units wait for the next.
 MAX_GROUP = 64
+
+# Set by a caller that must not wait for SQLite's write lock, such as the
+# server's event loop: Driver.run then raises WouldBlock where it would wait.
+no_wait: ContextVar[bool] = ContextVar("spendgate_ledger_no_wait", default=False)
+
+
+class WouldBlock(BaseException):
+    """Driver.run would have waited for SQLite's write lock while no_wait is set.
+
+    Nothing was written. It derives from BaseException so that handlers that
+    turn every Exception into an error status let it reach the caller that
+    set no_wait, which then runs the same work where waiting is fine.
+    """
 
 
 class Statement:
@@ -187,6 +202,8 @@ class Driver:
         # queue here and share transactions (group commit). PostgreSQL runs
         # each in its own transaction, in parallel, under row locks.
         self._group = _GroupCommit(self, max_group) if sqlite else None
+        # The engine's SQLite busy_timeout, read when first needed.
+        self._busy_timeout_ms: int | None = None
         # The form SQLAlchemy writes timestamps in: a string on SQLite, so rows
         # written here read back the same through SQLAlchemy.
         timestamp = Timestamp.dialect_impl(self.dialect)
@@ -214,6 +231,8 @@ class Driver:
         together. A failed commit fails every unit of the transaction.
         """
         if self._group is not None:
+            if no_wait.get():
+                return self._group.run_now(work)
             return self._group.run(work)
         with self.transaction() as transaction:
             return work(transaction)
@@ -223,12 +242,13 @@ class Driver:
         return GroupCounts(0, 0, 0) if self._group is None else self._group.counts()
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, *, wait: bool = True) -> Iterator[Transaction]:
         """Run the block in one transaction: commit at its end, roll back on error.
 
         A driver error is raised as the matching sqlalchemy.exc class, for
         example IntegrityError or OperationalError. A connection the error
-        broke is dropped from the pool.
+        broke is dropped from the pool. With wait=False, SQLite's BEGIN
+        raises WouldBlock when another connection holds the write lock.
         """
         try:
             connection = self.engine.raw_connection()
@@ -238,7 +258,10 @@ class Driver:
         try:
             cursor = connection.cursor()
             if self._begin is not None:
-                cursor.execute(self._begin)
+                if wait:
+                    cursor.execute(self._begin)
+                else:
+                    self._begin_now(cursor)
             transaction = Transaction(connection, cursor)
             yield transaction
             connection.commit()
@@ -254,6 +277,23 @@ class Driver:
             raise
         finally:
             connection.close()
+
+    def _begin_now(self, cursor: Any) -> None:
+        """BEGIN with SQLite's busy handler off, then turn it back on."""
+        if self._busy_timeout_ms is None:
+            # Every connection of the pool has the engine's busy_timeout.
+            self._busy_timeout_ms = int(
+                cursor.execute("PRAGMA busy_timeout").fetchone()[0]
+            )
+        cursor.execute("PRAGMA busy_timeout=0")
+        try:
+            cursor.execute(self._begin)
+        except self._errors as error:
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY:
+                raise WouldBlock from None
+            raise
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
 
     @property
     def errors(self) -> type[Exception]:
@@ -344,6 +384,31 @@ class _GroupCommit:
                 return unit.outcome()
         self._lead()
         return unit.outcome()
+
+    def run_now(self, work: Callable[[Transaction], T]) -> T:
+        """Run `work` alone at once, or raise WouldBlock without waiting.
+
+        It raises WouldBlock while another unit of this process is queued
+        or running, or while another connection holds SQLite's write lock.
+        Units that queue while it runs wait for it, as for any leader.
+        """
+        with self._lock:
+            if self._running:
+                raise WouldBlock
+            self._running = True
+        ran = False
+        try:
+            with self._driver.transaction(wait=False) as transaction:
+                ran = True
+                return work(transaction)
+        finally:
+            with self._lock:
+                if ran:
+                    self._transactions += 1
+                    self._units += 1
+                following = self._hand_on()
+            if following is not None:
+                following.ready.set()
 
     def _withdraw(self, unit: _Unit[Any]) -> None:
         """Take the unit of a caller that stopped waiting out of the queue.
