@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+import sqlite3
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,7 +21,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from conftest import Gate, PolicyWriter, ServeFactory
-from spendgate.server import PolicyHolder, create_server
+from spendgate.ledger import Ledger, create_engine
+from spendgate.server import INLINE_MAX_CHARS, PolicyHolder, _off_loop, create_server
 from spendgate.v1 import spendgate_pb2 as pb
 
 ALLOW = pb.DECISION_ALLOW
@@ -1098,3 +1101,68 @@ def test_busy_port_error_says_what_to_do(gate: Gate) -> None:
         create_server(address, PolicyHolder(gate.policy), gate.ledger)
 
     assert str(raised.value).startswith(f"cannot listen on {address}: ")
+
+
+def test_check_behind_sqlite_lock_leaves_other_calls_served(gate: Gate) -> None:
+    database = make_url(gate.database_url).database
+    assert database is not None
+    blocker = sqlite3.connect(database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        waiting = gate.stub.Check.future(check_request("behind-lock", 100), timeout=30)
+        time.sleep(0.3)
+        # The ledger waits up to 5 s for the lock. A Check that waited on the
+        # event loop would hold these calls past their 2 s deadlines.
+        status = gate.stub.GetPolicyStatus(pb.GetPolicyStatusRequest(), timeout=2)
+        health = health_pb2_grpc.HealthStub(gate.channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=2
+        )
+        still_waiting = not waiting.done()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    assert still_waiting
+    assert waiting.result().decision == ALLOW
+    assert status.version == gate.policy.version
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert [row.event for row in gate.audit_rows("behind-lock")] == ["check"]
+
+
+@pytest.mark.parametrize(
+    ("method", "request_", "expected"),
+    [
+        ("Check", check_request("short", 10), False),
+        ("Check", pb.CheckRequest(prompt="x" * INLINE_MAX_CHARS), False),
+        ("Check", pb.CheckRequest(prompt="x" * (INLINE_MAX_CHARS + 1)), True),
+        (
+            "Check",
+            pb.CheckRequest(
+                messages=pb.Messages(
+                    messages=[
+                        pb.ChatMessage(role="user", content="x" * INLINE_MAX_CHARS),
+                        pb.ChatMessage(role="user", content="y"),
+                    ]
+                )
+            ),
+            True,
+        ),
+        ("Commit", pb.CommitRequest(reservation_id="r"), False),
+    ],
+)
+def test_sqlite_runs_short_calls_on_the_event_loop(
+    gate: Gate, method: str, request_: object, expected: bool
+) -> None:
+    assert _off_loop(gate.ledger)(method, request_) is expected
+
+
+@pytest.mark.postgres
+def test_postgres_runs_ledger_calls_on_threads(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    try:
+        off_loop = _off_loop(Ledger(engine))
+        assert off_loop("Check", check_request("short", 10)) is True
+        assert off_loop("Commit", pb.CommitRequest(reservation_id="r")) is True
+        assert off_loop("GetPolicyStatus", pb.GetPolicyStatusRequest()) is False
+    finally:
+        engine.dispose()

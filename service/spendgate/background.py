@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 import structlog
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 from sqlalchemy.exc import SQLAlchemyError
 
 from spendgate.ledger import Ledger
@@ -13,6 +14,15 @@ from spendgate.ledger._spool import AuditSpool
 from spendgate.runtime import Clock, PolicyHolder, utc_now
 
 log = structlog.get_logger("spendgate.background")
+
+
+class HealthStatus(Protocol):
+    """Where DatabaseMonitor reports serving statuses, from any thread."""
+
+    def set(
+        self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus
+    ) -> None:
+        """Report `status` for `service`."""
 
 
 class ExpirySweeper(threading.Thread):
@@ -64,7 +74,7 @@ class DatabaseMonitor(threading.Thread):
     def __init__(
         self,
         ledger: Ledger,
-        health_servicer: health.HealthServicer,
+        health_servicer: HealthStatus,
         services: tuple[str, ...],
         *,
         interval: float = 1.0,

@@ -123,7 +123,9 @@ def main(log_level: str, log_json: bool | None) -> None:
     default=16,
     show_default=True,
     type=click.IntRange(1, 512),
-    help="gRPC worker threads.",
+    help="Threads for calls that leave the event loop: every ledger call on "
+    "PostgreSQL, and on SQLite Checks with long prompts or calls that must "
+    "wait for the write lock. Also sizes the database pool.",
 )
 @click.option(
     "--watch/--no-watch",

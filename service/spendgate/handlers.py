@@ -1,4 +1,16 @@
-"""Registration of the SpendGate RPCs, rejecting undecodable requests as invalid.
+"""Registration of the SpendGate RPCs on a grpc.aio server.
+
+The servicer's handlers are synchronous. Each RPC runs its handler either
+inline on the event loop or on an executor thread, as `off_loop` decides:
+inline saves two thread hand-offs and the GIL contention of a thread pool,
+so it suits calls that finish in a fraction of a millisecond (a Check on
+SQLite), while calls that wait on a network round trip (PostgreSQL) or
+encode a long prompt go to a thread and leave the loop free. An inline
+call never waits for SQLite's write lock: when another thread or process
+holds it, the ledger raises WouldBlock before writing anything, and the
+call runs again on a thread. A handler aborts a call through
+CallContext.abort, which raises; the wrapper then ends the call with that
+status.
 
 With the generated registration, a request body that protobuf cannot parse
 (a corrupt encoding, or a string field holding bytes that are not UTF-8)
@@ -9,15 +21,18 @@ instead, and the handler answers INVALID_ARGUMENT and logs the RPC.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import structlog
 from google.protobuf.message import DecodeError, Message
 
+from spendgate import ledger
 from spendgate.v1 import spendgate_pb2 as pb
 
 # The same logger as the per-RPC lines of spendgate.server, so one filter
@@ -26,7 +41,29 @@ log = structlog.get_logger("spendgate.server")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SpendGate"]
 
-Behavior = Callable[[Any, grpc.ServicerContext], Message]
+
+class Aborted(Exception):
+    """A handler ended its call with a status other than OK."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class CallContext:
+    """What a synchronous handler sees of its call: a way to abort it."""
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        """End the call with `code` and `details`; raises Aborted."""
+        raise Aborted(code, details)
+
+
+Behavior = Callable[[Any, CallContext], Message]
+AsyncBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
+# Given the RPC's method name and its request, True runs the handler on
+# the executor instead of inline on the event loop.
+OffLoop = Callable[[str, Any], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +80,24 @@ class UndecodableRequest:
         return f"request is not a valid {self.message_type}: {self.reason}"
 
 
-def add_servicer(servicer: object, server: grpc.Server) -> None:
+def add_servicer(
+    servicer: object, server: grpc.aio.Server, off_loop: OffLoop, executor: Executor
+) -> None:
     """Register every SpendGate RPC that `servicer` implements on `server`.
 
     Takes the place of the generated add_SpendGateServicer_to_server and
-    registers the same handlers, with the deserializers swapped.
+    registers the same handlers, with the deserializers swapped and each
+    synchronous handler run inline or on `executor`, as `off_loop` decides.
     """
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
-            _rejecting_undecodable(
-                getattr(servicer, method.name), _log_event(method.name)
+            _on_event_loop(
+                _rejecting_undecodable(
+                    getattr(servicer, method.name), _log_event(method.name)
+                ),
+                method.name,
+                off_loop,
+                executor,
             ),
             request_deserializer=_parser(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
@@ -61,9 +106,38 @@ def add_servicer(servicer: object, server: grpc.Server) -> None:
     }
     generic = grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))
-    # grpc-stubs 1.53 does not declare this method, which grpcio has and the
-    # generated code calls: a registered method skips the generic lookup.
+    # A registered method skips the generic lookup, as in generated code;
+    # grpc-stubs 1.53 does not declare the method.
     server.add_registered_method_handlers(SERVICE.full_name, handlers)  # type: ignore[attr-defined]
+
+
+def _on_event_loop(
+    behavior: Behavior, method: str, off_loop: OffLoop, executor: Executor
+) -> AsyncBehavior:
+    """Run a synchronous handler inline or on `executor`, and apply its abort."""
+    call_context = CallContext()
+
+    async def handle(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Message:
+        try:
+            if not off_loop(method, request):
+                token = ledger.no_wait.set(True)
+                try:
+                    return behavior(request, call_context)
+                except ledger.WouldBlock:
+                    # Another connection or thread holds SQLite's write lock:
+                    # wait for it on a thread instead of stopping the loop.
+                    pass
+                finally:
+                    ledger.no_wait.reset(token)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(executor, behavior, request, call_context)
+        except Aborted as aborted:
+            await context.abort(aborted.code, aborted.details)
+            raise AssertionError("context.abort returned") from aborted
+
+    return handle
 
 
 def _log_event(method: str) -> str:
@@ -97,7 +171,7 @@ def _reason(error: DecodeError | UnicodeDecodeError) -> str:
 def _rejecting_undecodable(behavior: Behavior, event: str) -> Behavior:
     """Wrap a servicer method so an UndecodableRequest gets INVALID_ARGUMENT."""
 
-    def handle(request: Any, context: grpc.ServicerContext) -> Message:
+    def handle(request: Any, context: CallContext) -> Message:
         if isinstance(request, UndecodableRequest):
             # The size only: the body may hold a prompt, which is never logged.
             log.warning(
