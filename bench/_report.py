@@ -179,16 +179,26 @@ def _server_model_table(run: RunResult) -> Table | None:
             _ms(pair.sequential_first.p50_ms),
             _ms(pair.sequential_first.p99_ms),
             _rate(pair.pairs_per_second),
+            _ms(pair.server_cpu_ms),
         )
         for name, pair in run.server_models.items()
     ]
     return Table(
-        f"gRPC server model, echo with the {HEADLINE_SCENARIO} sizes",
-        ("server", "echo p50 ms", "echo p99 ms", f"pairs/s, {run.clients} clients"),
+        f"gRPC server model, {HEADLINE_SCENARIO} scenario on SQLite",
+        (
+            "server",
+            "first call p50 ms",
+            "p99 ms",
+            f"pairs/s, {run.clients} clients",
+            "server CPU ms/pair",
+        ),
         rows,
         (
-            "The same Echo on a grpcio thread pool (what spendgate serve uses) "
-            "and on grpc.aio, in one process each.",
+            "The echo and spendgate's Check+Commit, each on grpc.aio (what "
+            "spendgate serve uses; on SQLite it calls the handlers inline on "
+            "the event loop) and on a grpcio thread pool with the same worker "
+            "count (bench/thread_pool_server.py for spendgate), in one process "
+            "each. The first call is the echo or the Check.",
         ),
     )
 

@@ -1,10 +1,10 @@
 """The benchmark floor: an echo service on the server stack `spendgate serve` uses.
 
-It runs as its own process, like `spendgate serve`, on a grpcio thread-pool
-server with the same worker count and message size options, so the
-difference between the two is what spendgate does with a request. With
---aio it runs on grpc.aio instead, so the run can compare the two server
-models on the same work.
+It runs as its own process, like `spendgate serve`. With --aio it serves
+from grpc.aio with the same message size options, as `spendgate serve`
+does, so the difference between the two is what spendgate does with a
+request. Without it, it serves from a grpcio thread pool, so the run can
+compare the two server models on the same work.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc,name-define
 class AsyncEchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc,name-defined]
     """The same Echo on grpc.aio."""
 
-    async def Echo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Echo(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
         return EchoServicer.Echo(self, request, context)  # type: ignore[arg-type]
 
 

@@ -310,7 +310,7 @@ class Bench:
                 and self.settings.compare_drivers
             ):
                 self.compare_drivers(server, workload, echo_workload, check)
-                self.compare_server_models(echo_workload, calls)
+                self.compare_server_models(workload, check, echo_workload, calls)
         echo = self.echo[scenario.name]
         self.run.scenarios.append(
             ScenarioResult(
@@ -364,28 +364,49 @@ class Bench:
             )
             self.run.drivers[name] = (figures[0], figures[1])
 
-    def compare_server_models(self, echo_workload: EchoPair, calls: int) -> None:
-        """Measure the headline echo on grpc.aio beside the thread pool's."""
-        self.run.server_models["grpcio thread pool"] = self.echo[
-            _report.HEADLINE_SCENARIO
-        ]
-        aio = _procs.start(
-            "aio echo server",
+    def compare_server_models(
+        self, workload: CheckCommit, check: Pair, echo_workload: EchoPair, calls: int
+    ) -> None:
+        """Measure the headline echo and Check+Commit on a thread pool too."""
+        models = self.run.server_models
+        models["echo, grpc.aio (the floor)"] = self.echo[_report.HEADLINE_SCENARIO]
+        models["echo, grpcio thread pool"] = self._measure_server(
+            "thread-pool echo server",
             [
-                sys.executable,
                 str(BENCH_DIR / "echo_server.py"),
                 "--address",
                 f"{_procs.HOST}:0",
-                "--aio",
+                "--workers",
+                str(self.settings.workers),
             ],
-            WORK_DIR / "echo-aio.log",
+            echo_workload,
+            calls,
         )
+        models["spendgate serve, grpc.aio"] = check
+        models["spendgate handlers, grpcio thread pool"] = self._measure_server(
+            "thread-pool spendgate server",
+            [
+                str(BENCH_DIR / "thread_pool_server.py"),
+                "--policies",
+                str(POLICY_DIR),
+                "--database",
+                _fresh_sqlite("thread-pool"),
+                "--workers",
+                str(self.settings.workers),
+            ],
+            workload,
+            calls,
+        )
+
+    def _measure_server(
+        self, name: str, argv: list[str], workload: _drivers.Workload, calls: int
+    ) -> Pair:
+        log_name = name.replace(" ", "-") + ".log"
+        server = _procs.start(name, [sys.executable, *argv], WORK_DIR / log_name)
         try:
-            self.run.server_models["grpc.aio"] = Pair.of(
-                *self.measure_pair(aio, echo_workload, calls, "aio echo")
-            )
+            return Pair.of(*self.measure_pair(server, workload, calls, name))
         finally:
-            aio.stop()
+            server.stop()
 
     def ledger(self, database: str, name: str) -> None:
         """Start `spendgate serve` on `database` and measure every scenario."""
@@ -521,8 +542,7 @@ def _full_run(settings: Settings, run: RunResult) -> None:
             str(BENCH_DIR / "echo_server.py"),
             "--address",
             f"{_procs.HOST}:0",
-            "--workers",
-            str(settings.workers),
+            "--aio",
         ],
         WORK_DIR / "echo.log",
     )

@@ -1,0 +1,76 @@
+"""spendgate's handlers on a grpcio thread pool, the server model serve used before.
+
+`spendgate serve` runs on grpc.aio and, on SQLite, calls its handlers
+inline on the event loop. This process builds the same objects (policy,
+tokenizers, engine, ledger, servicer) and serves Check, Commit and Release
+from a grpcio thread-pool server instead, with the same worker count and
+message size options, so `make bench` can keep comparing the two models on
+real work. Health, reflection, policy reloading and the expiry sweeper are
+left out: no benchmark call touches them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+
+from spendgate import ledger, logs, tokens
+from spendgate.policy import load_policy
+from spendgate.server import MAX_MESSAGE_BYTES, PolicyHolder, SpendGateServicer
+from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+
+
+def main() -> None:
+    """Serve until SIGTERM or SIGINT, after printing the bound port as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--policies", type=Path, required=True)
+    parser.add_argument("--database", required=True, help="SQLAlchemy URL.")
+    parser.add_argument("--address", default="127.0.0.1:0", help="HOST:PORT.")
+    parser.add_argument("--workers", type=int, default=16, help="Worker threads.")
+    args = parser.parse_args()
+
+    logs.configure("info", json=True)
+    policy = load_policy(args.policies)
+    tokens.preload()
+    engine = ledger.create_engine(args.database, pool_size=args.workers)
+    ledger.check_schema(engine)
+    servicer = SpendGateServicer(PolicyHolder(policy), ledger.Ledger(engine))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=args.workers, thread_name_prefix="spendgate-rpc"
+        ),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    # The handlers call context.abort, which raises on a grpcio context too.
+    pb_grpc.add_SpendGateServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port(args.address)
+    if port == 0:
+        sys.exit(f"error: cannot listen on {args.address}")
+    server.start()
+    print(json.dumps({"event": "server_started", "port": port}), flush=True)
+
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    server.stop(1).wait()
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
