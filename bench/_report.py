@@ -543,7 +543,11 @@ def _room_table(run: RunResult) -> Table | None:
             "any server model. tiktoken: encode_ordinary alone on the same "
             "prompts. SQLite: time inside sqlite3's C methods, from a profile hook. "
             "'With no Python at all' counts only those two.",
-            "Latency room: the target's p50 less the echo's p50 in this run.",
+            "Latency room: the target's p50 less the echo's p50 in this run. "
+            "The same Check took "
+            f"{own.check_after_idle_ms:.2f} ms after 1 ms idle before each pair, "
+            "as a server idles between the calls of one client, against "
+            f"{own.check_ms:.2f} ms back to back.",
             f"Throughput room: at {TARGET_THROUGHPUT_SHARE:.0%} of the echo's "
             f"pairs/s, the {cores} cores' CPU time a pair, less the echo server's "
             f"CPU a pair ({echo.server_cpu_ms:.2f} ms) and the client's CPU a "
