@@ -1103,7 +1103,7 @@ def test_busy_port_error_says_what_to_do(gate: Gate) -> None:
     assert str(raised.value).startswith(f"cannot listen on {address}: ")
 
 
-def test_check_behind_sqlite_lock_leaves_other_calls_served(gate: Gate) -> None:
+def test_locked_sqlite_keeps_loop_serving(gate: Gate) -> None:
     database = make_url(gate.database_url).database
     assert database is not None
     blocker = sqlite3.connect(database, isolation_level=None)
@@ -1150,14 +1150,14 @@ def test_check_behind_sqlite_lock_leaves_other_calls_served(gate: Gate) -> None:
         ("Commit", pb.CommitRequest(reservation_id="r"), False),
     ],
 )
-def test_sqlite_runs_short_calls_on_the_event_loop(
+def test_sqlite_inline_dispatch(
     gate: Gate, method: str, request_: object, expected: bool
 ) -> None:
     assert _off_loop(gate.ledger)(method, request_) is expected
 
 
 @pytest.mark.postgres
-def test_postgres_runs_ledger_calls_on_threads(postgres_url: str) -> None:
+def test_postgres_calls_leave_loop(postgres_url: str) -> None:
     engine = create_engine(postgres_url)
     try:
         off_loop = _off_loop(Ledger(engine))

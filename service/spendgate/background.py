@@ -17,7 +17,7 @@ log = structlog.get_logger("spendgate.background")
 
 
 class HealthStatus(Protocol):
-    """Where DatabaseMonitor reports serving statuses, from any thread."""
+    """A health service that DatabaseMonitor can set from any thread."""
 
     def set(
         self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus

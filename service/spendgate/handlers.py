@@ -1,10 +1,10 @@
 """Registration of the SpendGate RPCs on a grpc.aio server.
 
 The servicer's handlers are synchronous. Each RPC runs its handler either
-inline on the event loop or on an executor thread, as `off_loop` decides:
-inline saves two thread hand-offs and the GIL contention of a thread pool,
-so it suits calls that finish in a fraction of a millisecond (a Check on
-SQLite), while calls that wait on a network round trip (PostgreSQL) or
+inline on the event loop or on an executor thread, as `off_loop` decides.
+Inline saves two thread hand-offs and the GIL contention of a thread pool,
+so it suits calls that finish in a fraction of a millisecond, such as a
+Check on SQLite. Calls that wait on a network round trip (PostgreSQL) or
 encode a long prompt go to a thread and leave the loop free. An inline
 call never waits for SQLite's write lock: when another thread or process
 holds it, the ledger raises WouldBlock before writing anything, and the
@@ -52,7 +52,7 @@ class Aborted(Exception):
 
 
 class CallContext:
-    """What a synchronous handler sees of its call: a way to abort it."""
+    """The part of a call a synchronous handler uses: a way to abort it."""
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         """End the call with `code` and `details`; raises Aborted."""

@@ -496,8 +496,8 @@ def _check_response(
 _T = TypeVar("_T")
 
 # A Check whose prompt or messages hold more characters than this runs on
-# the thread pool: tiktoken needs about 0.1 ms per 1,000 characters, and
-# the loop should not stop serving other calls for much longer than that.
+# the thread pool. tiktoken took 0.12 to 0.2 ms for 6,000 characters on the
+# benchmark machine, so an inline Check holds the loop for well under 1 ms.
 INLINE_MAX_CHARS = 8_000
 
 
