@@ -21,8 +21,15 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from conftest import Gate, PolicyWriter, ServeFactory
+from spendgate import tokens
 from spendgate.ledger import Ledger, create_engine
-from spendgate.server import INLINE_MAX_CHARS, PolicyHolder, _off_loop, create_server
+from spendgate.server import (
+    INLINE_MAX_CHARS,
+    INLINE_MAX_MESSAGES,
+    PolicyHolder,
+    _off_loop,
+    create_server,
+)
 from spendgate.v1 import spendgate_pb2 as pb
 
 ALLOW = pb.DECISION_ALLOW
@@ -1147,6 +1154,33 @@ def test_locked_sqlite_keeps_loop_serving(gate: Gate) -> None:
             ),
             True,
         ),
+        (
+            "Check",
+            pb.CheckRequest(
+                messages=pb.Messages(
+                    messages=[pb.ChatMessage(role="user", name="x" * INLINE_MAX_CHARS)]
+                )
+            ),
+            True,
+        ),
+        (
+            "Check",
+            pb.CheckRequest(
+                messages=pb.Messages(
+                    messages=[pb.ChatMessage(role="x" * (INLINE_MAX_CHARS + 1))]
+                )
+            ),
+            True,
+        ),
+        (
+            "Check",
+            pb.CheckRequest(
+                messages=pb.Messages(
+                    messages=[pb.ChatMessage(role="u")] * (INLINE_MAX_MESSAGES + 1)
+                )
+            ),
+            True,
+        ),
         ("Commit", pb.CommitRequest(reservation_id="r"), False),
     ],
 )
@@ -1166,3 +1200,30 @@ def test_postgres_calls_leave_loop(postgres_url: str) -> None:
         assert off_loop("GetPolicyStatus", pb.GetPolicyStatusRequest()) is False
     finally:
         engine.dispose()
+
+
+def test_inline_check_skips_long_text_slots(gate: Gate) -> None:
+    # Two long prompts counted on worker threads hold both slots that bound
+    # the memory of long encodings. A shorter prompt counted inline must not
+    # wait for one, or the whole loop waits with it.
+    tokens._long_encodings.acquire()
+    tokens._long_encodings.acquire()
+    try:
+        request = pb.CheckRequest(
+            request_id="medium-prompt",
+            principal=pb.Principal(department="research"),
+            # An exact tokenizer; flat-1's approximate one encodes nothing.
+            model="cached-1",
+            # Inline, and long enough for the count cache's path.
+            prompt="lorem ipsum " * 500,
+        )
+        response = gate.stub.Check(request, timeout=2)
+        health = health_pb2_grpc.HealthStub(gate.channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=2
+        )
+    finally:
+        tokens._long_encodings.release()
+        tokens._long_encodings.release()
+
+    assert response.decision == ALLOW
+    assert health.status == health_pb2.HealthCheckResponse.SERVING

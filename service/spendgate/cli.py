@@ -168,7 +168,8 @@ def main(log_level: str, log_json: bool | None) -> None:
     show_default=True,
     type=click.FloatRange(0.1, 600),
     help="Seconds a request waits for another process's SQLite write lock before "
-    "it fails with UNAVAILABLE.",
+    "it fails with UNAVAILABLE. A request queued behind one that is already "
+    "waiting may wait up to twice as long.",
 )
 @click.option(
     "--drain-delay",

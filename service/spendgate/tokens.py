@@ -66,7 +66,10 @@ CHUNK_CHARS: Final = 256 * 1024
 # Pieces this small are counted approximately if tiktoken still fails on them.
 MIN_CHUNK_CHARS: Final = 4096
 # Encodings of long texts that may run at once, bounding the memory they take.
+# Texts of up to LONG_TEXT_CHARS skip it: the server counts those inline on
+# its event loop, which must never wait for a slot.
 _long_encodings = threading.BoundedSemaphore(2)
+LONG_TEXT_CHARS: Final = 64 * 1024
 # An entry (key tuple, 32-byte digest, count, OrderedDict link) measured about
 # 240 bytes with tracemalloc on CPython 3.11, so a full cache takes about 1 MB.
 CACHE_MAX_ENTRIES: Final = 4096
@@ -320,8 +323,11 @@ def _count_exact(tokenizer: str, text: str) -> tuple[int, bool]:
         return tokens, False
     # Encoding runs outside the cache lock. Two threads that miss on the
     # same text both encode it and store the same count.
-    with _long_encodings:
+    if len(text) <= LONG_TEXT_CHARS:
         tokens, estimated = _encode_count(encoding, text)
+    else:
+        with _long_encodings:
+            tokens, estimated = _encode_count(encoding, text)
     if not estimated:
         _count_cache.put(key, tokens)
     return tokens, estimated
