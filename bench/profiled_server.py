@@ -3,7 +3,7 @@
 It builds the objects `spendgate serve` builds (policy, tokenizers, engine,
 ledger, servicer) and serves them from a grpcio thread pool, where a
 server interceptor can wrap each handler on the thread that runs it; serve
-itself runs on grpc.aio, so gRPC's share here is the thread pool's. Health
+runs on grpc.aio on SQLite, so gRPC's share here is the thread pool's. Health
 and reflection services are left out, because no Check touches them.
 After `--skip` warm-up Checks, the interceptor handles Checks in two phases
 of `--checks` calls each:
@@ -40,10 +40,9 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from spendgate import evaluator, ledger, logs, tokens
+from spendgate import evaluator, handlers, ledger, logs, tokens
 from spendgate.policy import load_policy
 from spendgate.server import MAX_MESSAGE_BYTES, PolicyHolder, SpendGateServicer
-from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
 CHECK_METHOD = "/spendgate.v1.SpendGate/Check"
 # grpc-stubs makes RpcMethodHandler generic but grpcio's class is not, so the
@@ -276,8 +275,7 @@ def main() -> None:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    # The handlers call context.abort, which raises on a grpcio context too.
-    pb_grpc.add_SpendGateServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    handlers.add_servicer(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     if port == 0:
         sys.exit("error: cannot listen on 127.0.0.1")

@@ -1,6 +1,6 @@
-"""spendgate's handlers on a grpcio thread pool, the server model serve used before.
+"""spendgate's handlers on a grpcio thread pool, for the server model table.
 
-`spendgate serve` runs on grpc.aio and, on SQLite, calls its handlers
+On SQLite, `spendgate serve` runs on grpc.aio and calls its handlers
 inline on the event loop. This process builds the same objects (policy,
 tokenizers, engine, ledger, servicer) and serves Check, Commit and Release
 from a grpcio thread-pool server instead, with the same worker count and
@@ -22,10 +22,9 @@ from types import FrameType
 
 import grpc
 
-from spendgate import ledger, logs, tokens
+from spendgate import handlers, ledger, logs, tokens
 from spendgate.policy import load_policy
 from spendgate.server import MAX_MESSAGE_BYTES, PolicyHolder, SpendGateServicer
-from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
 
 
 def main() -> None:
@@ -52,8 +51,7 @@ def main() -> None:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    # The handlers call context.abort, which raises on a grpcio context too.
-    pb_grpc.add_SpendGateServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    handlers.add_servicer(servicer, server)
     port = server.add_insecure_port(args.address)
     if port == 0:
         sys.exit(f"error: cannot listen on {args.address}")

@@ -22,7 +22,6 @@ from sqlalchemy.engine import make_url
 
 from conftest import Gate, PolicyWriter, ServeFactory
 from spendgate import tokens
-from spendgate.ledger import Ledger, create_engine
 from spendgate.server import (
     INLINE_MAX_CHARS,
     INLINE_MAX_MESSAGES,
@@ -1190,16 +1189,11 @@ def test_sqlite_inline_dispatch(
     assert _off_loop(gate.ledger)(method, request_) is expected
 
 
-@pytest.mark.postgres
-def test_postgres_calls_leave_loop(postgres_url: str) -> None:
-    engine = create_engine(postgres_url)
-    try:
-        off_loop = _off_loop(Ledger(engine))
-        assert off_loop("Check", check_request("short", 10)) is True
-        assert off_loop("Commit", pb.CommitRequest(reservation_id="r")) is True
-        assert off_loop("GetPolicyStatus", pb.GetPolicyStatusRequest()) is False
-    finally:
-        engine.dispose()
+def test_server_model_by_ledger(ledger_gate: Gate) -> None:
+    sqlite = ledger_gate.engine.dialect.name == "sqlite"
+
+    expected = "grpc.aio" if sqlite else "grpcio thread pool"
+    assert ledger_gate.running.model == expected
 
 
 def test_inline_check_skips_long_text_slots(gate: Gate) -> None:

@@ -123,8 +123,8 @@ def main(log_level: str, log_json: bool | None) -> None:
     default=16,
     show_default=True,
     type=click.IntRange(1, 512),
-    help="Threads for calls that leave the event loop: every ledger call on "
-    "PostgreSQL, and on SQLite Checks with long prompts or calls that must "
+    help="gRPC worker threads on PostgreSQL. On SQLite, threads for the calls "
+    "that leave the event loop: Checks with long prompts and calls that must "
     "wait for the write lock. Also sizes the database pool.",
 )
 @click.option(
@@ -274,6 +274,7 @@ def serve(
         policy_dir=str(policy_dir),
         database=engine.url.render_as_string(hide_password=True),
         schema_revision=revision,
+        server_model=running.model,
         workers=workers,
     )
     server.serve_forever(running, grace, drain_delay)

@@ -1,6 +1,7 @@
-"""Registration of the SpendGate RPCs on a grpc.aio server.
+"""Registration of the SpendGate RPCs on a grpcio thread pool or on grpc.aio.
 
-The servicer's handlers are synchronous. Each RPC runs its handler either
+The servicer's handlers are synchronous. On a thread pool, grpcio runs them
+on its worker threads. On grpc.aio, each RPC runs its handler either
 inline on the event loop or on an executor thread, as `off_loop` decides.
 Inline saves two thread hand-offs and the GIL contention of a thread pool,
 so it suits calls that finish in a fraction of a millisecond, such as a
@@ -26,7 +27,7 @@ import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 import structlog
@@ -51,15 +52,22 @@ class Aborted(Exception):
         self.details = details
 
 
-class CallContext:
+class Abortable(Protocol):
     """The part of a call a synchronous handler uses: a way to abort it."""
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        """End the call with `code` and `details`; raises."""
+
+
+class CallContext:
+    """Stands for the call on grpc.aio, where abort is a coroutine."""
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         """End the call with `code` and `details`; raises Aborted."""
         raise Aborted(code, details)
 
 
-Behavior = Callable[[Any, CallContext], Message]
+Behavior = Callable[[Any, Abortable], Message]
 AsyncBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
 # Given the RPC's method name and its request, True runs the handler on
 # the executor instead of inline on the event loop.
@@ -80,24 +88,42 @@ class UndecodableRequest:
         return f"request is not a valid {self.message_type}: {self.reason}"
 
 
-def add_servicer(
-    servicer: object, server: grpc.aio.Server, off_loop: OffLoop, executor: Executor
-) -> None:
-    """Register every SpendGate RPC that `servicer` implements on `server`.
+def add_servicer(servicer: object, server: grpc.Server) -> None:
+    """Register every SpendGate RPC that `servicer` implements on a thread pool.
 
     Takes the place of the generated add_SpendGateServicer_to_server and
-    registers the same handlers, with the deserializers swapped and each
-    synchronous handler run inline or on `executor`, as `off_loop` decides.
+    registers the same handlers, with the deserializers swapped.
     """
+    _register(server, servicer, lambda behavior, method: behavior)
+
+
+def add_servicer_on_loop(
+    servicer: object, server: grpc.aio.Server, off_loop: OffLoop, executor: Executor
+) -> None:
+    """Register every SpendGate RPC that `servicer` implements on grpc.aio.
+
+    As add_servicer, with each synchronous handler run inline on the event
+    loop or on `executor`, as `off_loop` decides.
+    """
+    _register(
+        server,
+        servicer,
+        lambda behavior, method: _on_event_loop(behavior, method, off_loop, executor),
+    )
+
+
+def _register(
+    server: grpc.Server | grpc.aio.Server,
+    servicer: object,
+    wrap: Callable[[Behavior, str], Any],
+) -> None:
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
-            _on_event_loop(
+            wrap(
                 _rejecting_undecodable(
                     getattr(servicer, method.name), _log_event(method.name)
                 ),
                 method.name,
-                off_loop,
-                executor,
             ),
             request_deserializer=_parser(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
@@ -108,7 +134,7 @@ def add_servicer(
     server.add_generic_rpc_handlers((generic,))
     # A registered method skips the generic lookup, as in generated code;
     # grpc-stubs 1.53 does not declare the method.
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # type: ignore[attr-defined]
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # type: ignore[union-attr]
 
 
 def _on_event_loop(
@@ -171,7 +197,7 @@ def _reason(error: DecodeError | UnicodeDecodeError) -> str:
 def _rejecting_undecodable(behavior: Behavior, event: str) -> Behavior:
     """Wrap a servicer method so an UndecodableRequest gets INVALID_ARGUMENT."""
 
-    def handle(request: Any, context: CallContext) -> Message:
+    def handle(request: Any, context: Abortable) -> Message:
         if isinstance(request, UndecodableRequest):
             # The size only: the body may hold a prompt, which is never logged.
             log.warning(

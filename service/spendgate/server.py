@@ -1,13 +1,16 @@
 """The gRPC server: SpendGate beside the standard health and reflection services.
 
-The server is a grpc.aio server whose event loop runs on a thread of its
-own, so create_server and Running.stop are ordinary blocking calls. On
-SQLite a Check or Commit runs inline on the loop: measured with
-`make bench`, that served about 1.4 times the Check+Commit pairs of a
-16-thread pool under 32 clients, for less CPU a pair (docs/benchmarks.md).
-Calls that would hold the loop longer run on a thread pool instead: every
-ledger call on PostgreSQL, which waits on the network, and Checks whose
-input is longer than INLINE_MAX_CHARS, whose token counting releases the GIL.
+The server model depends on the ledger, as `make bench` measured it
+(docs/benchmarks.md). On SQLite the server runs on grpc.aio, with its
+event loop on a thread of its own, and calls the handlers inline on the
+loop: that served 1.3 to 1.5 times the Check+Commit pairs of a 16-thread
+pool under 32 clients, for less CPU a pair, because it skips the thread
+hand-offs and GIL contention around each call. A Check whose input is
+longer than INLINE_MAX_CHARS, and a call that finds SQLite's write lock
+taken, run on a thread pool instead. On PostgreSQL every call waits on
+network round trips, and there the grpcio thread pool served 15 to 30%
+more pairs than grpc.aio handing each call to a thread. Either way
+create_server and Running.stop are ordinary blocking calls.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import replace
 from types import FrameType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -114,7 +117,7 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
             self.monitor.mark_down(error)
 
     def Check(
-        self, request: pb.CheckRequest, context: handlers.CallContext
+        self, request: pb.CheckRequest, context: handlers.Abortable
     ) -> pb.CheckResponse:
         with _rpc(
             context, "check", self._database_failed, request_id=request.request_id
@@ -180,7 +183,7 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def Commit(
-        self, request: pb.CommitRequest, context: handlers.CallContext
+        self, request: pb.CommitRequest, context: handlers.Abortable
     ) -> pb.CommitResponse:
         with _rpc(
             context,
@@ -218,7 +221,7 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def Release(
-        self, request: pb.ReleaseRequest, context: handlers.CallContext
+        self, request: pb.ReleaseRequest, context: handlers.Abortable
     ) -> pb.ReleaseResponse:
         with _rpc(
             context,
@@ -239,7 +242,7 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def GetBudget(
-        self, request: pb.GetBudgetRequest, context: handlers.CallContext
+        self, request: pb.GetBudgetRequest, context: handlers.Abortable
     ) -> pb.GetBudgetResponse:
         with _rpc(
             context,
@@ -270,7 +273,7 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def GetPolicyStatus(
-        self, request: pb.GetPolicyStatusRequest, context: handlers.CallContext
+        self, request: pb.GetPolicyStatusRequest, context: handlers.Abortable
     ) -> pb.PolicyStatus:
         with _rpc(context, "get_policy_status", self._database_failed):
             policy = self.policies.current
@@ -299,7 +302,7 @@ class SpendGateServicer(pb_grpc.SpendGateServicer):
 
 @contextmanager
 def _rpc(
-    context: handlers.CallContext,
+    context: handlers.Abortable,
     method: str,
     on_database_error: Callable[[BaseException], None],
     **ids: Any,
@@ -340,7 +343,7 @@ def _rpc(
 
 
 def _abort(
-    context: handlers.CallContext, code: grpc.StatusCode, message: str
+    context: handlers.Abortable, code: grpc.StatusCode, message: str
 ) -> NoReturn:
     context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover
@@ -556,27 +559,94 @@ class _Health:
         self._loop.run(self._servicer.enter_graceful_shutdown())
 
 
+class _HealthService(Protocol):
+    """A health service that Running and DatabaseMonitor set from any thread."""
+
+    def set(
+        self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus
+    ) -> None:
+        """Report `status` for `service`."""
+
+    def enter_graceful_shutdown(self) -> None:
+        """Set every service NOT_SERVING for good."""
+
+
+class _Listener(Protocol):
+    """The gRPC server of one server model, as Running stops it."""
+
+    model: str
+
+    def drain(self, grace: float) -> None:
+        """Refuse new calls, give in-flight ones `grace` seconds, then stop."""
+
+
+class _ThreadPoolListener:
+    """A grpcio server whose worker threads run every call."""
+
+    model = "grpcio thread pool"
+
+    def __init__(self, server: grpc.Server) -> None:
+        self.server = server
+
+    def drain(self, grace: float) -> None:
+        stopped = self.server.stop(grace)
+        # From here new calls are refused; in-flight ones have `grace` seconds.
+        log.info("draining", grace_seconds=grace)
+        stopped.wait()
+
+
+class _EventLoopListener:
+    """A grpc.aio server on its own loop thread, with threads for long calls."""
+
+    model = "grpc.aio"
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        loop: _LoopThread,
+        executor: futures.ThreadPoolExecutor,
+    ) -> None:
+        self.server = server
+        self._loop = loop
+        self._executor = executor
+
+    def drain(self, grace: float) -> None:
+        self._loop.run(self._drain(grace))
+        # Calls cut off at the end of the grace period may still be running
+        # a ledger transaction on a thread; it finishes before the exit.
+        self._executor.shutdown(wait=True)
+        self._loop.close()
+
+    async def _drain(self, grace: float) -> None:
+        stopping = asyncio.ensure_future(self.server.stop(grace))
+        # Let stop() close the listener before saying so.
+        await asyncio.sleep(0)
+        log.info("draining", grace_seconds=grace)
+        await stopping
+
+
 class Running:
     """A started server with the pieces a caller stops or inspects."""
 
     def __init__(
         self,
-        server: grpc.aio.Server,
+        listener: _Listener,
         port: int,
-        health_service: _Health,
+        health_service: _HealthService,
         sweeper: ExpirySweeper,
         monitor: DatabaseMonitor,
-        loop: _LoopThread,
-        executor: futures.ThreadPoolExecutor,
     ) -> None:
-        self.server = server
+        self.listener = listener
         self.port = port
         self.health = health_service
         self.sweeper = sweeper
         self.monitor = monitor
-        self._loop = loop
-        self._executor = executor
         self._stopped = False
+
+    @property
+    def model(self) -> str:
+        """The gRPC server model: "grpc.aio" or "grpcio thread pool"."""
+        return self.listener.model
 
     def stop(self, grace: float = 5.0, drain_delay: float = 0.0) -> None:
         """Report NOT_SERVING, drain in-flight calls for `grace` seconds, then stop.
@@ -593,19 +663,7 @@ class Running:
         if drain_delay > 0:
             time.sleep(drain_delay)
         self.sweeper.stop()
-        self._loop.run(self._drain(grace))
-        # Calls cut off at the end of the grace period may still be running
-        # a ledger transaction on a thread; it finishes before the exit.
-        self._executor.shutdown(wait=True)
-        self._loop.close()
-
-    async def _drain(self, grace: float) -> None:
-        stopping = asyncio.ensure_future(self.server.stop(grace))
-        # Let stop() close the listener before saying so.
-        await asyncio.sleep(0)
-        # From here new calls are refused; in-flight ones have `grace` seconds.
-        log.info("draining", grace_seconds=grace)
-        await stopping
+        self.listener.drain(grace)
 
 
 def create_server(
@@ -622,25 +680,19 @@ def create_server(
 ) -> Running:
     """Build and start a server on `address`; port 0 picks a free port.
 
-    `max_workers` threads run the calls that do not run inline on the event
-    loop (see the module's docstring). `spool` is the file for audit rows of
-    Checks decided while the database is down under fail_mode: open; without
-    one, such Checks get UNAVAILABLE.
+    On SQLite the server runs on grpc.aio and `max_workers` threads run the
+    calls that leave the event loop; on PostgreSQL it runs on a grpcio pool
+    of `max_workers` threads (see the module's docstring). `spool` is the
+    file for audit rows of Checks decided while the database is down under
+    fail_mode: open; without one, such Checks get UNAVAILABLE.
     """
     servicer = SpendGateServicer(policies, ledger, clock, reloader, spool)
-    executor = futures.ThreadPoolExecutor(
-        max_workers=max_workers, thread_name_prefix="spendgate-rpc"
+    start = (
+        _start_on_event_loop
+        if ledger.engine.dialect.name == "sqlite"
+        else _start_on_thread_pool
     )
-    loop = _LoopThread()
-    try:
-        server, port, health_servicer = loop.run(
-            _start(address, servicer, _off_loop(ledger), executor)
-        )
-    except BaseException:
-        loop.close()
-        executor.shutdown(wait=False)
-        raise
-    health_service = _Health(health_servicer, loop)
+    listener, port, health_service = start(address, servicer, max_workers)
     monitor = DatabaseMonitor(
         ledger,
         health_service,
@@ -653,30 +705,77 @@ def create_server(
     monitor.start()
     sweeper = ExpirySweeper(policies, ledger, sweep_interval, clock)
     sweeper.start()
-    return Running(server, port, health_service, sweeper, monitor, loop, executor)
+    return Running(listener, port, health_service, sweeper, monitor)
 
 
-async def _start(
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # gRPC turns SO_REUSEPORT on by default, which let a second server start
+    # on a busy port and split requests between two ledgers.
+    ("grpc.so_reuseport", 0),
+]
+_SERVICES = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+
+
+def _start_on_thread_pool(
+    address: str, servicer: SpendGateServicer, max_workers: int
+) -> tuple[_Listener, int, _HealthService]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="spendgate-rpc"
+        ),
+        options=_OPTIONS,
+    )
+    handlers.add_servicer(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(_SERVICES, server)
+    port = _listen(server, address)
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return _ThreadPoolListener(server), port, health_servicer
+
+
+def _start_on_event_loop(
+    address: str, servicer: SpendGateServicer, max_workers: int
+) -> tuple[_Listener, int, _HealthService]:
+    executor = futures.ThreadPoolExecutor(
+        max_workers=max_workers, thread_name_prefix="spendgate-rpc"
+    )
+    loop = _LoopThread()
+    try:
+        server, port, health_servicer = loop.run(
+            _start_aio(address, servicer, _off_loop(servicer.ledger), executor)
+        )
+    except BaseException:
+        loop.close()
+        executor.shutdown(wait=False)
+        raise
+    listener = _EventLoopListener(server, loop, executor)
+    return listener, port, _Health(health_servicer, loop)
+
+
+async def _start_aio(
     address: str,
     servicer: SpendGateServicer,
     off_loop: handlers.OffLoop,
     executor: futures.Executor,
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            # gRPC turns SO_REUSEPORT on by default, which let a second server
-            # start on a busy port and split requests between two ledgers.
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    handlers.add_servicer(servicer, server, off_loop, executor)
+    server = grpc.aio.server(options=_OPTIONS)
+    handlers.add_servicer_on_loop(servicer, server, off_loop, executor)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection(_SERVICES, server)
+    port = _listen(server, address)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+def _listen(server: grpc.Server | grpc.aio.Server, address: str) -> int:
     cannot_listen = (
         f"cannot listen on {address}: another server may be using the port, or "
         "the host is not an address of this machine; stop that server or pass "
@@ -689,17 +788,11 @@ async def _start(
         raise OSError(cannot_listen) from error
     if port == 0:
         raise OSError(cannot_listen)
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+    return port
 
 
 def _off_loop(ledger: Ledger) -> handlers.OffLoop:
-    """Choose which calls leave the event loop for the thread pool."""
-    if ledger.engine.dialect.name != "sqlite":
-        # Every call but GetPolicyStatus waits on the database's round trips.
-        return lambda method, request: method != "GetPolicyStatus"
+    """Choose which calls leave the event loop for the thread pool (SQLite)."""
     return lambda method, request: (
         method == "Check" and _input_chars(request) > INLINE_MAX_CHARS
     )
