@@ -210,12 +210,17 @@ def serve() -> Iterator[ServeFactory]:
     """Return a function starting a server on a free port; every server stops after.
 
     The function takes the policy directory and the ledger URL, and
-    optionally a Clock, and returns a Gate with a connected client.
+    optionally a Clock and the thread pool model on SQLite, and returns a
+    Gate with a connected client.
     """
     started: list[Gate] = []
 
     def start(
-        policy_dir: Path, database_url: str, *, clock: Clock | None = None
+        policy_dir: Path,
+        database_url: str,
+        *,
+        clock: Clock | None = None,
+        thread_pool_on_sqlite: bool = False,
     ) -> Gate:
         clock = clock or Clock()
         policy = load_policy(policy_dir)
@@ -227,6 +232,7 @@ def serve() -> Iterator[ServeFactory]:
             ledger,
             clock=clock,
             sweep_interval=SWEEP_INTERVAL_SECONDS,
+            thread_pool_on_sqlite=thread_pool_on_sqlite,
         )
         channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
         # The generated stub class carries no type annotations.

@@ -485,17 +485,25 @@ def test_sigkill_mid_load_sqlite_consistent(
     assert commit_audit.total == sum(stored.values())
 
 
+@pytest.mark.parametrize(
+    ("model", "logged"),
+    [("event-loop", "grpc.aio"), ("thread-pool", "grpcio thread pool")],
+)
 def test_sigterm_drains_in_flight_calls(
     processes: ProcessGroup,
     sqlite_url: str,
     tmp_path: Path,
     write_policy: PolicyWriter,
+    model: str,
+    logged: str,
 ) -> None:
     grace_seconds = 10.0
     (replica,) = processes.start(
         1,
         policy(write_policy),
         sqlite_url,
+        "--sqlite-server-model",
+        model,
         "--workers",
         WORKERS,
         "--grace",
@@ -580,6 +588,12 @@ def test_sigterm_drains_in_flight_calls(
     started_at = events.index("shutdown_started")
     finished_at = events.index("shutdown_finished")
     assert events[started_at:finished_at].count("check") == len(calls)
+    started = next(
+        event
+        for event in replica.launched.events()
+        if event["event"] == "server_started"
+    )
+    assert started["server_model"] == logged
 
 
 def test_serve_rejects_outdated_schema(

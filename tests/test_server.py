@@ -1196,6 +1196,17 @@ def test_server_model_by_ledger(ledger_gate: Gate) -> None:
     assert ledger_gate.running.model == expected
 
 
+def test_sqlite_thread_pool_model(
+    serve: ServeFactory, policy_dir: Path, sqlite_url: str
+) -> None:
+    gate = serve(policy_dir, sqlite_url, thread_pool_on_sqlite=True)
+
+    spend(gate, "on-pool", 100)
+
+    assert gate.running.model == "grpcio thread pool"
+    assert budget_of(gate, "research").spent_micros == 100
+
+
 def test_inline_check_skips_long_text_slots(gate: Gate) -> None:
     # Two long prompts counted on worker threads hold both slots that bound
     # the memory of long encodings. A shorter prompt counted inline must not

@@ -155,6 +155,16 @@ def main(log_level: str, log_json: bool | None) -> None:
     help="Seconds between database pings that drive the health status.",
 )
 @click.option(
+    "--sqlite-server-model",
+    type=click.Choice(["event-loop", "thread-pool"]),
+    default="event-loop",
+    show_default=True,
+    help="gRPC server model on SQLite: event-loop runs short calls inline on "
+    "grpc.aio, for more calls a second per core; thread-pool runs every call "
+    "on a grpcio worker thread, for about 0.15 ms less per call at low load. "
+    "PostgreSQL always uses thread-pool.",
+)
+@click.option(
     "--sqlite-synchronous",
     type=click.Choice(["normal", "full"]),
     default="normal",
@@ -203,6 +213,7 @@ def serve(
     poll_interval: float,
     sweep_interval: float,
     health_interval: float,
+    sqlite_server_model: str,
     sqlite_synchronous: str,
     sqlite_busy_timeout: float,
     drain_delay: float,
@@ -260,6 +271,7 @@ def serve(
             spool=AuditSpool(spool),
             sweep_interval=sweep_interval,
             health_interval=health_interval,
+            thread_pool_on_sqlite=sqlite_server_model == "thread-pool",
         )
     except OSError as error:
         click.echo(f"error: {error}", err=True)
