@@ -194,11 +194,12 @@ def _server_model_table(run: RunResult) -> Table | None:
         ),
         rows,
         (
-            "The echo and spendgate's Check+Commit, each on grpc.aio (what "
-            "spendgate serve uses; on SQLite it calls the handlers inline on "
-            "the event loop) and on a grpcio thread pool with the same worker "
-            "count (bench/thread_pool_server.py for spendgate), in one process "
-            "each. The first call is the echo or the Check.",
+            "The echo and spendgate's Check+Commit, each on grpc.aio and on a "
+            "grpcio thread pool with the same worker count, in one process "
+            "each. On SQLite, spendgate serve uses grpc.aio and calls the "
+            "handlers inline on the event loop; bench/thread_pool_server.py "
+            "serves them from the thread pool. The first call is the echo or "
+            "the Check.",
         ),
     )
 
@@ -597,7 +598,7 @@ def _machine_lines(run: RunResult) -> list[str]:
         f"Date: {run.started}",
         f"Command: {run.command}",
         f"Machine: {machine}",
-        f"Servers: {run.workers} gRPC worker threads each, on 127.0.0.1; "
+        f"Servers: {run.workers} worker threads each, on 127.0.0.1; "
         f"run took {run.elapsed_seconds:.0f} s",
         *(f"Skipped: {line}" for line in run.skipped),
     ]

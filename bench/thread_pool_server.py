@@ -3,9 +3,9 @@
 On SQLite, `spendgate serve` runs on grpc.aio and calls its handlers
 inline on the event loop. This process builds the same objects (policy,
 tokenizers, engine, ledger, servicer) and serves Check, Commit and Release
-from a grpcio thread-pool server instead, with the same worker count and
-message size options, so `make bench` can keep comparing the two models on
-real work. Health, reflection, policy reloading and the expiry sweeper are
+from a grpcio thread-pool server instead. It has the same worker count
+and message size options, so `make bench` compares the two models on real
+work. Health, reflection, policy reloading and the expiry sweeper are
 left out: no benchmark call touches them.
 """
 

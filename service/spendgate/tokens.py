@@ -66,8 +66,8 @@ CHUNK_CHARS: Final = 256 * 1024
 # Pieces this small are counted approximately if tiktoken still fails on them.
 MIN_CHUNK_CHARS: Final = 4096
 # Encodings of long texts that may run at once, bounding the memory they take.
-# Texts of up to LONG_TEXT_CHARS skip it: the server counts those inline on
-# its event loop, which must never wait for a slot.
+# Texts of up to LONG_TEXT_CHARS skip it, because the server counts texts
+# of up to server.INLINE_MAX_CHARS inline on its event loop.
 _long_encodings = threading.BoundedSemaphore(2)
 LONG_TEXT_CHARS: Final = 64 * 1024
 # An entry (key tuple, 32-byte digest, count, OrderedDict link) measured about
