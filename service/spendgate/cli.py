@@ -161,7 +161,7 @@ def main(log_level: str, log_json: bool | None) -> None:
     show_default=True,
     help="gRPC server model on SQLite: event-loop runs short calls inline on "
     "grpc.aio, for more calls a second per core; thread-pool runs every call "
-    "on a grpcio worker thread, for about 0.15 ms less per call at low load. "
+    "on a grpcio worker thread, for up to 0.3 ms less per call at low load. "
     "PostgreSQL always uses thread-pool.",
 )
 @click.option(

@@ -3,12 +3,12 @@
 The server model depends on the ledger, as `make bench` measured it
 (docs/benchmarks.md). On SQLite the server runs on grpc.aio, with its
 event loop on a thread of its own, and calls the handlers inline on the
-loop: that served 1.3 to 1.5 times the Check+Commit pairs of a 16-thread
+loop: that served 1.1 to 1.5 times the Check+Commit pairs of a 16-thread
 pool under 32 clients, for less CPU a pair, because it skips the thread
 hand-offs and GIL contention around each call. A Check whose input is
 longer than INLINE_MAX_CHARS, and a call that finds SQLite's write lock
-taken, run on a thread pool instead. The price is about 0.15 ms more per
-call in sequence, in gRPC's asyncio layer, so SQLite can use the grpcio
+taken, run on a thread pool instead. In some runs a call in sequence took
+up to 0.3 ms more, in gRPC's asyncio layer, so SQLite can use the grpcio
 thread pool too. On PostgreSQL every call waits on network round trips,
 and there the grpcio thread pool served 15 to 30% more pairs than
 grpc.aio handing each call to a thread. Either way create_server and
