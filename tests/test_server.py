@@ -22,6 +22,9 @@ from sqlalchemy.engine import make_url
 
 from conftest import Gate, PolicyWriter, ServeFactory
 from spendgate import tokens
+from spendgate.ledger import Ledger, create_engine
+from spendgate.ledger._spool import AuditSpool
+from spendgate.policy import load_policy
 from spendgate.server import (
     INLINE_MAX_CHARS,
     INLINE_MAX_MESSAGES,
@@ -30,6 +33,8 @@ from spendgate.server import (
     create_server,
 )
 from spendgate.v1 import spendgate_pb2 as pb
+from spendgate.v1 import spendgate_pb2_grpc as pb_grpc
+from support import wait_for
 
 ALLOW = pb.DECISION_ALLOW
 DENY = pb.DECISION_DENY
@@ -1232,3 +1237,55 @@ def test_inline_check_skips_long_text_slots(gate: Gate) -> None:
 
     assert response.decision == ALLOW
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_fail_open_inline_on_sqlite(
+    write_policy: PolicyWriter, sqlite_url: str, tmp_path: Path
+) -> None:
+    organization = policy_files()["organization.yaml"] + "fail_mode: open\n"
+    files = {**policy_files(), "organization.yaml": organization}
+    engine = create_engine(sqlite_url)
+    spool_path = tmp_path / "spool.jsonl"
+    running = create_server(
+        "127.0.0.1:0",
+        PolicyHolder(load_policy(write_policy(files))),
+        Ledger(engine),
+        health_interval=0.1,
+        sweep_interval=3600,
+        spool=AuditSpool(spool_path),
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    stub = pb_grpc.SpendGateStub(channel)  # type: ignore[no-untyped-call]
+
+    def audited() -> list[tuple[str, bool]]:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT decision, unverified FROM audit_events"
+                    " WHERE request_id = 'open-inline'"
+                )
+            ).all()
+            connection.rollback()
+        return [(row.decision, bool(row.unverified)) for row in rows]
+
+    try:
+        # A missing table fails the inline Check's write with an
+        # OperationalError, as a broken database file would.
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE reservations RENAME TO away"))
+        response = stub.Check(check_request("open-inline", 100), timeout=5)
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE away RENAME TO reservations"))
+        wait_for(lambda: audited() != [], "the spooled audit row")
+        after = stub.Check(check_request("after-outage", 100), timeout=5)
+    finally:
+        channel.close()
+        running.stop(grace=1)
+        engine.dispose()
+
+    assert running.model == "grpc.aio"
+    assert response.decision == ALLOW
+    assert response.unverified
+    assert response.reservation_id == ""
+    assert audited() == [("ALLOW", True)]
+    assert after.unverified is False
