@@ -123,9 +123,10 @@ def main(log_level: str, log_json: bool | None) -> None:
     default=16,
     show_default=True,
     type=click.IntRange(1, 512),
-    help="gRPC worker threads on PostgreSQL. On SQLite, threads for the calls "
-    "that leave the event loop: Checks with long prompts and calls that must "
-    "wait for the write lock. Also sizes the database pool.",
+    help="gRPC worker threads on PostgreSQL and with --sqlite-server-model "
+    "thread-pool. Otherwise, on SQLite, threads for the calls that leave the "
+    "event loop: Checks with long prompts and calls that must wait for the "
+    "write lock. Also sizes the database pool.",
 )
 @click.option(
     "--watch/--no-watch",
