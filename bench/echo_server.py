@@ -14,14 +14,12 @@ import asyncio
 import json
 import signal
 import sys
-import threading
-from concurrent import futures
-from types import FrameType
 from typing import Any
 
 import grpc
 
 import _stubs
+from _serving import serve_thread_pool
 from spendgate.server import MAX_MESSAGE_BYTES
 
 echo_pb2, echo_pb2_grpc = _stubs.load()
@@ -82,31 +80,12 @@ def main() -> None:
         asyncio.run(serve_aio(args.address))
         return
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=args.workers, thread_name_prefix="echo-rpc"
-        ),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
+    serve_thread_pool(
+        lambda server: echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(), server),
+        args.address,
+        args.workers,
+        "echo-rpc",
     )
-    echo_pb2_grpc.add_EchoServicer_to_server(EchoServicer(), server)
-    port = server.add_insecure_port(args.address)
-    if port == 0:
-        sys.exit(f"error: cannot listen on {args.address}")
-    server.start()
-    print(json.dumps({"event": "server_started", "port": port}), flush=True)
-
-    stopping = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
-    server.stop(1).wait()
 
 
 if __name__ == "__main__":

@@ -26,23 +26,20 @@ import cProfile
 import enum
 import json
 import pstats
-import signal
 import statistics
-import sys
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeAlias
 
 import grpc
 
+from _serving import serve_thread_pool
 from spendgate import evaluator, handlers, ledger, logs, tokens
 from spendgate.policy import load_policy
-from spendgate.server import MAX_MESSAGE_BYTES, PolicyHolder, SpendGateServicer
+from spendgate.server import PolicyHolder, SpendGateServicer
 
 CHECK_METHOD = "/spendgate.v1.SpendGate/Check"
 # grpc-stubs makes RpcMethodHandler generic but grpcio's class is not, so the
@@ -265,31 +262,13 @@ def main() -> None:
     _time_plan(times)
     servicer = SpendGateServicer(PolicyHolder(policy), TimedLedger(engine, times))
     interceptor = CheckProfiler(args.checks, args.skip, times)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=args.workers, thread_name_prefix="spendgate-rpc"
-        ),
-        interceptors=[interceptor],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
+    serve_thread_pool(
+        lambda server: handlers.add_servicer(servicer, server),
+        "127.0.0.1:0",
+        args.workers,
+        "spendgate-rpc",
+        [interceptor],
     )
-    handlers.add_servicer(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    if port == 0:
-        sys.exit("error: cannot listen on 127.0.0.1")
-    server.start()
-    print(json.dumps({"event": "server_started", "port": port}), flush=True)
-
-    stopping = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    stopping.wait()
-    server.stop(1).wait()
     engine.dispose()
     _write(interceptor, args.profile_out, args.stats_out)
 

@@ -12,19 +12,12 @@ left out: no benchmark call touches them.
 from __future__ import annotations
 
 import argparse
-import json
-import signal
-import sys
-import threading
-from concurrent import futures
 from pathlib import Path
-from types import FrameType
 
-import grpc
-
+from _serving import serve_thread_pool
 from spendgate import handlers, ledger, logs, tokens
 from spendgate.policy import load_policy
-from spendgate.server import MAX_MESSAGE_BYTES, PolicyHolder, SpendGateServicer
+from spendgate.server import PolicyHolder, SpendGateServicer
 
 
 def main() -> None:
@@ -42,31 +35,12 @@ def main() -> None:
     engine = ledger.create_engine(args.database, pool_size=args.workers)
     ledger.check_schema(engine)
     servicer = SpendGateServicer(PolicyHolder(policy), ledger.Ledger(engine))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=args.workers, thread_name_prefix="spendgate-rpc"
-        ),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
+    serve_thread_pool(
+        lambda server: handlers.add_servicer(servicer, server),
+        args.address,
+        args.workers,
+        "spendgate-rpc",
     )
-    handlers.add_servicer(servicer, server)
-    port = server.add_insecure_port(args.address)
-    if port == 0:
-        sys.exit(f"error: cannot listen on {args.address}")
-    server.start()
-    print(json.dumps({"event": "server_started", "port": port}), flush=True)
-
-    stopping = threading.Event()
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
-    server.stop(1).wait()
     engine.dispose()
 
 
