@@ -55,7 +55,7 @@ class OwnWork:
 
 
 class _Context:
-    """Stands in for grpc.ServicerContext: the handlers use it only to abort."""
+    """A minimal grpc.ServicerContext: the handlers use it only to abort."""
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         raise RuntimeError(f"{code.name}: {details}")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from _own_work import IDLE_SECONDS
 from _profile import CATEGORIES
 from _results import RunResult, ScenarioResult
 
@@ -477,6 +478,7 @@ def _room_table(run: RunResult) -> Table | None:
     own = run.own_work
     if result is None or own is None:
         return None
+
     echo_ms = result.echo.sequential_first.p50_ms
     floor_ms = own.tokenize_ms + own.check_sqlite_ms
     work = (
@@ -496,6 +498,7 @@ def _room_table(run: RunResult) -> Table | None:
             bound,
         )
     ]
+
     if run.peer is not None:
         cerbos_ms = run.peer.result.sequential_first.p50_ms
         rows.append(
@@ -507,15 +510,16 @@ def _room_table(run: RunResult) -> Table | None:
                 f"{echo_ms + floor_ms:.2f} ms; Cerbos {cerbos_ms:.2f} ms",
             )
         )
+
     cores = int(run.machine.get("cores", "0") or 0)
     echo, check = result.echo, result.check
     fixed_ms = echo.server_cpu_ms + check.client_cpu_ms
     if cores and not math.isnan(fixed_ms):
         target_rate = TARGET_THROUGHPUT_SHARE * echo.pairs_per_second
         room_ms = cores * 1000 / target_rate - fixed_ms
-        most = cores * 1000 / (fixed_ms + own.pair_ms)
+        max_rate = cores * 1000 / (fixed_ms + own.pair_ms)
         pair_floor_ms = own.tokenize_ms + own.check_sqlite_ms + own.commit_sqlite_ms
-        most_floor = cores * 1000 / (fixed_ms + pair_floor_ms)
+        max_rate_without_python = cores * 1000 / (fixed_ms + pair_floor_ms)
         rows.append(
             (
                 f"{run.clients}-client throughput >= "
@@ -524,10 +528,11 @@ def _room_table(run: RunResult) -> Table | None:
                 f"{own.pair_ms:.2f} ms a Check+Commit pair: tiktoken "
                 f"{own.tokenize_ms:.2f}, SQLite "
                 f"{own.check_sqlite_ms + own.commit_sqlite_ms:.2f}, the rest Python",
-                f"at most {most / echo.pairs_per_second:.0%} of echo; with no "
-                f"Python at all {most_floor / echo.pairs_per_second:.0%}",
+                f"at most {max_rate / echo.pairs_per_second:.0%} of echo; with no "
+                f"Python at all {max_rate_without_python / echo.pairs_per_second:.0%}",
             )
         )
+
     return Table(
         "What each target leaves for spendgate's own work",
         (
@@ -546,15 +551,16 @@ def _room_table(run: RunResult) -> Table | None:
             "'With no Python at all' counts only those two.",
             "Latency room: the target's p50 less the echo's p50 in this run. "
             "The same Check took "
-            f"{own.check_after_idle_ms:.2f} ms after 1 ms idle before each pair, "
+            f"{own.check_after_idle_ms:.2f} ms after "
+            f"{IDLE_SECONDS * 1000:g} ms idle before each pair, "
             "as a server idles between the calls of one client, against "
             f"{own.check_ms:.2f} ms back to back.",
             f"Throughput room: at {TARGET_THROUGHPUT_SHARE:.0%} of the echo's "
             f"pairs/s, the {cores} cores' CPU time a pair, less the echo server's "
             f"CPU a pair ({echo.server_cpu_ms:.2f} ms) and the client's CPU a "
             f"spendgate pair ({check.client_cpu_ms:.2f} ms), from /proc over the "
-            "32-client runs. The bound assumes every core busy and no cost for "
-            "threads or the GIL; spendgate's server used "
+            f"{run.clients}-client runs. The bound assumes every core busy and "
+            "no cost for threads or the GIL. spendgate's server used "
             f"{check.server_cpu_ms:.2f} ms of CPU a pair.",
         ),
     )

@@ -1,10 +1,11 @@
 """A spendgate server process that profiles its Check calls and times their stages.
 
 It builds the objects `spendgate serve` builds (policy, tokenizers, engine,
-ledger, servicer) and serves them from a grpcio thread pool, where a
-server interceptor can wrap each handler on the thread that runs it; serve
-runs on grpc.aio on SQLite, so gRPC's share here is the thread pool's. Health
-and reflection services are left out, because no Check touches them.
+ledger, servicer) and serves them from a grpcio thread pool, because there
+a server interceptor can wrap each handler on the thread that runs it.
+serve runs on grpc.aio on SQLite, so the gRPC share of this profile is the
+thread pool's. Health and reflection services are left out, because no
+Check touches them.
 After `--skip` warm-up Checks, the interceptor handles Checks in two phases
 of `--checks` calls each:
 

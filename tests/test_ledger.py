@@ -834,7 +834,7 @@ def test_no_wait_would_block_behind_another_connection(sqlite_url: str) -> None:
         started = time.monotonic()
         with pytest.raises(WouldBlock):
             run_without_waiting(driver, insert_unit(driver, "refused"))
-        refused_after = time.monotonic() - started
+        raised_after = time.monotonic() - started
         # The same connection waits again once no_wait is off: the busy
         # timeout came back after the refused BEGIN.
         threading.Timer(0.5, lambda: blocker.execute("ROLLBACK")).start()
@@ -842,7 +842,7 @@ def test_no_wait_would_block_behind_another_connection(sqlite_url: str) -> None:
     finally:
         blocker.close()
 
-    assert refused_after < 1.0
+    assert raised_after < 1.0
     assert waited == "waited"
     assert stored_units(driver) == ["waited"]
 

@@ -1188,10 +1188,8 @@ def test_locked_sqlite_keeps_loop_serving(gate: Gate) -> None:
         ("Commit", pb.CommitRequest(reservation_id="r"), False),
     ],
 )
-def test_sqlite_inline_dispatch(
-    gate: Gate, method: str, request_: object, expected: bool
-) -> None:
-    assert _off_loop(gate.ledger)(method, request_) is expected
+def test_sqlite_inline_dispatch(method: str, request_: object, expected: bool) -> None:
+    assert _off_loop(method, request_) is expected
 
 
 def test_server_model_by_ledger(ledger_gate: Gate) -> None:

@@ -4,14 +4,13 @@ The servicer's handlers are synchronous. On a thread pool, grpcio runs them
 on its worker threads. On grpc.aio, each RPC runs its handler either
 inline on the event loop or on an executor thread, as `off_loop` decides.
 Inline saves two thread hand-offs and the GIL contention of a thread pool,
-so it suits calls that finish in a fraction of a millisecond, such as a
-Check on SQLite. Calls that wait on a network round trip (PostgreSQL) or
-encode a long prompt go to a thread and leave the loop free. An inline
-call never waits for SQLite's write lock: when another thread or process
-holds it, the ledger raises WouldBlock before writing anything, and the
-call runs again on a thread. A handler aborts a call through
-CallContext.abort, which raises; the wrapper then ends the call with that
-status.
+so it suits calls that finish within a millisecond, such as a Check on
+SQLite. Calls that encode a long prompt go to a thread and leave the loop
+free. An inline call never waits for SQLite's write lock. When another
+process holds it, or another unit of this process is writing or queued,
+the ledger raises WouldBlock before writing anything, and the call runs
+again on a thread. A handler aborts a call through CallContext.abort,
+which raises, and the wrapper then ends the call with that status.
 
 With the generated registration, a request body that protobuf cannot parse
 (a corrupt encoding, or a string field holding bytes that are not UTF-8)
@@ -60,7 +59,7 @@ class Abortable(Protocol):
 
 
 class CallContext:
-    """Stands for the call on grpc.aio, where abort is a coroutine."""
+    """The context passed to a synchronous handler on grpc.aio, whose abort is async."""
 
     def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         """End the call with `code` and `details`; raises Aborted."""
@@ -152,8 +151,8 @@ def _on_event_loop(
                 try:
                     return behavior(request, call_context)
                 except ledger.WouldBlock:
-                    # Another connection or thread holds SQLite's write lock:
-                    # wait for it on a thread instead of stopping the loop.
+                    # SQLite's write lock is taken or queued for: wait for it
+                    # on a thread instead of stopping the loop.
                     pass
                 finally:
                     ledger.no_wait.reset(token)

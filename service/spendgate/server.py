@@ -45,7 +45,7 @@ from sqlalchemy.exc import (
 )
 
 from spendgate import evaluator, handlers, tokens
-from spendgate.background import DatabaseMonitor, ExpirySweeper
+from spendgate.background import DatabaseMonitor, ExpirySweeper, HealthStatus
 from spendgate.errors import (
     ConflictError,
     LedgerUnavailableError,
@@ -561,13 +561,8 @@ class _Health:
         self._loop.run(self._servicer.enter_graceful_shutdown())
 
 
-class _HealthService(Protocol):
+class _HealthService(HealthStatus, Protocol):
     """A health service that Running and DatabaseMonitor set from any thread."""
-
-    def set(
-        self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus
-    ) -> None:
-        """Report `status` for `service`."""
 
     def enter_graceful_shutdown(self) -> None:
         """Set every service NOT_SERVING for good."""
@@ -748,7 +743,7 @@ def _start_on_event_loop(
     loop = _LoopThread()
     try:
         server, port, health_servicer = loop.run(
-            _start_aio(address, servicer, _off_loop(servicer.ledger), executor)
+            _start_aio(address, servicer, _off_loop, executor)
         )
     except BaseException:
         loop.close()
@@ -792,23 +787,20 @@ def _listen(server: grpc.Server | grpc.aio.Server, address: str) -> int:
     return port
 
 
-def _off_loop(ledger: Ledger) -> handlers.OffLoop:
-    """Choose which calls leave the event loop for the thread pool (SQLite)."""
-    return lambda method, request: (
-        method == "Check" and _input_chars(request) > INLINE_MAX_CHARS
-    )
+def _off_loop(method: str, request: Any) -> bool:
+    """Return True for a call on SQLite that leaves the event loop for a thread."""
+    if method != "Check" or not isinstance(request, pb.CheckRequest):
+        return False
+    if len(request.messages.messages) > INLINE_MAX_MESSAGES:
+        return True
+    return _input_chars(request) > INLINE_MAX_CHARS
 
 
-def _input_chars(request: Any) -> int:
-    if not isinstance(request, pb.CheckRequest):
-        return 0
-    messages = request.messages.messages
-    if len(messages) > INLINE_MAX_MESSAGES:
-        return INLINE_MAX_CHARS + 1
+def _input_chars(request: pb.CheckRequest) -> int:
     # Token counting encodes each message's role and name as well.
     return len(request.prompt) + sum(
         len(message.role) + len(message.content) + len(message.name)
-        for message in messages
+        for message in request.messages.messages
     )
 
 
